@@ -1,0 +1,38 @@
+"""taskbalance: multi-task and auxiliary-task training without negative transfer.
+
+Quick start::
+
+    import taskbalance as tb
+    balancer = tb.make("ema", tasks=["seg", "depth"])
+    record = balancer.backward({"seg": l_seg, "depth": l_depth}, shared=model.trunk.parameters())
+    optimizer.step()
+"""
+
+from .balancers import (
+    Aggregation,
+    Balancer,
+    GradientBalancer,
+    LossBalancer,
+    MethodInfo,
+    available,
+    make,
+    method_info,
+)
+from .errors import NonFiniteLossError, TaskError
+from .record import StepRecord
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Aggregation",
+    "Balancer",
+    "GradientBalancer",
+    "LossBalancer",
+    "MethodInfo",
+    "NonFiniteLossError",
+    "StepRecord",
+    "TaskError",
+    "available",
+    "make",
+    "method_info",
+]

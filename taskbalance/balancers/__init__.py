@@ -1,0 +1,16 @@
+"""Balancing methods, grouped by what they consume: ``losses/`` and ``gradients/``."""
+
+from .base import Aggregation, Balancer, GradientBalancer, LossBalancer
+from .registry import MethodInfo, available, make, method_info, register
+
+__all__ = [
+    "Aggregation",
+    "Balancer",
+    "GradientBalancer",
+    "LossBalancer",
+    "MethodInfo",
+    "available",
+    "make",
+    "method_info",
+    "register",
+]

@@ -1,0 +1,357 @@
+"""The :class:`Balancer` contract and the two family bases built on it.
+
+A balancer replaces ``loss.backward()``::
+
+    balancer = taskbalance.make("ema", tasks=["seg", "depth"])
+    record = balancer.backward({"seg": l_seg, "depth": l_depth}, shared=model.trunk.parameters())
+    optimizer.step()
+
+It fills ``.grad`` of every parameter the losses reach: shared parameters with the balanced update,
+task-specific parameters with their own task's gradient scaled as the method says. It owns no model code
+and nothing is injected into it behind its back; its whole state round-trips through ``state_dict()``.
+
+**The training-loop protocol** (identical for every method; no-ops where a method does not use them):
+
+* ``balancer.backward(losses, shared=..., features=...)`` once per step, instead of ``loss.backward()``;
+* ``balancer.end_epoch()`` after each epoch (DWA, STCH and GradNorm read epoch-averaged losses, which the
+  balancer accumulates itself from the losses it saw);
+* if ``balancer.needs_post_step_losses``: after ``optimizer.step()``, recompute the losses on the same
+  batch under ``torch.no_grad()`` and pass them to ``balancer.after_step(losses)`` (FAMO).
+
+Learnable balancer parameters (UW's log-variances, GradNorm's logits, …) are ``nn.Parameter`` s reachable
+through ``balancer.parameters()``: add them to your optimiser, e.g.
+``torch.optim.Adam([*model.parameters(), *balancer.parameters()])``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import Tensor, nn
+
+from ..jacobian import (
+    accumulate_grad,
+    backward_through,
+    feature_jacobian,
+    parameter_jacobian,
+    reachable_leaves,
+)
+from ..record import StepRecord
+from .inputs import NonFinitePolicy, TaskLosses, collect_losses, validate_tasks
+from .registry import MethodInfo
+
+__all__ = ["Balancer", "LossBalancer", "GradientBalancer", "Aggregation", "GradientLevel"]
+
+GradientLevel = Literal["parameters", "features"]
+_POLICIES = ("raise", "skip", "propagate")
+
+
+class Balancer(nn.Module):
+    """Base of every balancing method.
+
+    Args:
+        tasks: task names, fixed for the balancer's life. Losses are passed keyed by these names.
+        on_nonfinite: ``"raise"`` (default) raises :class:`~taskbalance.NonFiniteLossError` naming the task
+            and leaves the state untouched; ``"skip"`` leaves such tasks out of the step (as if missing);
+            ``"propagate"`` does no check at all (no host read per step; NaN flows as in plain PyTorch).
+
+    Subclasses implement :meth:`_step`. Python-side counters live in ``step_count`` / ``epoch_count``
+    and in the attributes named by ``extra_state_fields``; they are saved through ``state_dict()``.
+    """
+
+    info: ClassVar[MethodInfo]
+    needs_post_step_losses: ClassVar[bool] = False
+    takes_log_of_losses: ClassVar[bool] = False
+    extra_state_fields: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, tasks: Sequence[str], *, on_nonfinite: NonFinitePolicy = "raise") -> None:
+        super().__init__()
+        if on_nonfinite not in _POLICIES:
+            raise ValueError(f"on_nonfinite must be one of {_POLICIES}, got {on_nonfinite!r}")
+        self.tasks: tuple[str, ...] = validate_tasks(tasks)
+        self.on_nonfinite: NonFinitePolicy = on_nonfinite
+        self._task_index = {name: i for i, name in enumerate(self.tasks)}
+        self.step_count = 0
+        self.epoch_count = 0
+        self.register_buffer("_device_anchor", torch.zeros(()), persistent=False)
+
+    @property
+    def num_tasks(self) -> int:
+        """Number of tasks K."""
+        return len(self.tasks)
+
+    @property
+    def name(self) -> str:
+        """Registry name of the method."""
+        return self.info.name
+
+    # ------------------------------------------------------------------ protocol
+    def backward(
+        self,
+        losses: Mapping[str, Tensor],
+        *,
+        shared: Iterable[Tensor] | None = None,
+        features: Tensor | Sequence[Tensor] | None = None,
+    ) -> StepRecord:
+        """Back-propagate the balanced combination of ``losses``; replaces ``loss.backward()``.
+
+        Args:
+            losses: ``{task name: scalar loss}``. Tasks left out (no labels in this batch) are skipped for
+                this step: weight 0, state not updated, listed in ``record.skipped``.
+            shared: the shared parameters (e.g. ``model.trunk.parameters()``). Required by gradient-level
+                methods in parameter mode; ignored by loss-level methods.
+            features: the shared representation tensor(s) the task heads read. Required by gradient-level
+                methods in feature mode (``gradients="features"``); ignored otherwise.
+
+        Returns:
+            A :class:`~taskbalance.StepRecord` of detached tensors (weights, losses, skipped tasks).
+        """
+        batch = collect_losses(
+            losses,
+            self.tasks,
+            self._task_index,
+            self.on_nonfinite,
+            needs_positive=self.takes_log_of_losses,
+            method=self.info.name,
+        )
+        if batch.values.device != self._device_anchor.device:
+            self.to(batch.values.device)
+        record = self._step(batch, shared=shared, features=features)
+        self.step_count += 1
+        return record
+
+    def end_epoch(self) -> None:
+        """Mark the end of a training epoch (used by DWA, STCH, GradNorm; a no-op elsewhere)."""
+        self._on_epoch_end()
+        self.epoch_count += 1
+
+    def after_step(self, losses: Mapping[str, Tensor]) -> None:
+        """Losses re-evaluated on the same batch after ``optimizer.step()`` (used by FAMO only).
+
+        Call it only when :attr:`needs_post_step_losses` is true, to save the extra forward pass otherwise.
+        """
+        if self.needs_post_step_losses:
+            batch = collect_losses(losses, self.tasks, self._task_index, self.on_nonfinite, method=self.info.name)
+            self._on_post_step_losses(batch)
+
+    # ------------------------------------------------------------------ for subclasses
+    def _step(
+        self,
+        batch: TaskLosses,
+        *,
+        shared: Iterable[Tensor] | None,
+        features: Tensor | Sequence[Tensor] | None,
+    ) -> StepRecord:
+        raise NotImplementedError
+
+    def _on_epoch_end(self) -> None:
+        """Hook for epoch-level methods."""
+
+    def _on_post_step_losses(self, batch: TaskLosses) -> None:
+        """Hook for methods that read the losses after the optimiser step."""
+
+    def _record(
+        self, batch: TaskLosses, weights: Tensor, extras: Mapping[str, Tensor] | None = None
+    ) -> StepRecord:
+        return StepRecord(
+            tasks=self.tasks,
+            losses=batch.values.detach(),
+            weights=weights.detach(),
+            present=batch.present,
+            skipped=dict(batch.skipped),
+            extras=dict(extras or {}),
+        )
+
+    # ------------------------------------------------------------------ state
+    def get_extra_state(self) -> dict[str, Any]:
+        state = {"step_count": self.step_count, "epoch_count": self.epoch_count}
+        for name in self.extra_state_fields:
+            state[name] = getattr(self, name)
+        return state
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.step_count = int(state["step_count"])
+        self.epoch_count = int(state["epoch_count"])
+        for name in self.extra_state_fields:
+            setattr(self, name, state[name])
+
+    def extra_repr(self) -> str:
+        return f"tasks={list(self.tasks)}"
+
+
+class LossBalancer(Balancer):
+    """Base of loss-level methods: they need only the loss values (and their own history).
+
+    A subclass implements :meth:`objective`, returning the scalar to back-propagate and the effective
+    weight of each task loss. The cost is one ordinary backward.
+    """
+
+    def objective(self, losses: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
+        """Combine the task losses.
+
+        Args:
+            losses: ``(K,)`` losses with gradient; entries of absent tasks are constant zeros.
+            present: ``(K,)`` bool mask of the tasks in this step.
+
+        Returns:
+            ``(total, weights)``: the scalar to back-propagate and the ``(K,)`` effective weights
+            ``∂ total / ∂ losses`` (0 for absent tasks), detached.
+        """
+        raise NotImplementedError
+
+    def _step(
+        self,
+        batch: TaskLosses,
+        *,
+        shared: Iterable[Tensor] | None,
+        features: Tensor | Sequence[Tensor] | None,
+    ) -> StepRecord:
+        total, weights = self.objective(batch.values, batch.present)
+        if not total.requires_grad:
+            raise RuntimeError(
+                "none of the given losses requires grad; compute them from the model under autograd "
+                "(not inside torch.no_grad())"
+            )
+        total.backward()
+        return self._record(batch, weights)
+
+
+@dataclass
+class Aggregation:
+    """What a gradient-level method decides for one step.
+
+    Attributes:
+        weights: ``(k,)`` coefficients of the present tasks; the shared update is ``weights @ jacobian``
+            unless ``direction`` is given. Task-specific parameters get ``weights[k] ∇L_k`` (or ``∇L_k`` if
+            the method's ``scale_heads`` is false).
+        direction: optional explicit shared update (``P`` entries), for methods that edit gradients.
+        extras: diagnostics for the step record.
+    """
+
+    weights: Tensor
+    direction: Tensor | None = None
+    extras: dict[str, Tensor] = field(default_factory=dict)
+
+
+class GradientBalancer(Balancer):
+    """Base of gradient-level methods: they read per-task gradients of the shared part.
+
+    Args:
+        tasks: task names.
+        gradients: ``"parameters"`` (default): per-task gradients w.r.t. the shared parameters, computed
+            in one batched call; ``"features"``: per-task gradients w.r.t. the shared representation passed
+            as ``features=`` (MGDA-UB style), combined, then one ordinary trunk backward. Methods not defined
+            at the feature level refuse it with an error naming the alternatives.
+        on_nonfinite: see :class:`Balancer`.
+
+    A subclass implements :meth:`aggregate`.
+    """
+
+    scale_heads: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        tasks: Sequence[str],
+        *,
+        gradients: GradientLevel = "parameters",
+        on_nonfinite: NonFinitePolicy = "raise",
+    ) -> None:
+        super().__init__(tasks, on_nonfinite=on_nonfinite)
+        if gradients not in ("parameters", "features"):
+            raise ValueError(f"gradients must be 'parameters' or 'features', got {gradients!r}")
+        level = self.info.feature_level
+        if gradients == "features" and level == "no":
+            raise ValueError(
+                f"{self.info.name} is not defined on feature-level gradients (the reference "
+                f"implementation refuses them); use gradients='parameters', or a method that accepts "
+                f"features: {', '.join(_feature_methods())}"
+            )
+        if gradients == "parameters" and level == "only":
+            raise ValueError(f"{self.info.name} is defined only on feature-level gradients; use gradients='features'")
+        self.gradients: GradientLevel = gradients
+        self._index_cache: dict[tuple[int, ...], Tensor] = {}
+
+    def aggregate(self, jacobian: Tensor, losses: Tensor, index: Tensor) -> Aggregation:
+        """Decide the step from the per-task gradients.
+
+        Args:
+            jacobian: ``(k, P)`` per-task gradients of the ``k`` present tasks (w.r.t. the shared parameters
+                or the shared features).
+            losses: ``(k,)`` their detached losses.
+            index: ``(k,)`` long positions of the present tasks in :attr:`tasks`, for per-task state.
+        """
+        raise NotImplementedError
+
+    def _index_tensor(self, index: list[int], device: torch.device) -> Tensor:
+        key = tuple(index)
+        cached = self._index_cache.get(key)
+        if cached is None or cached.device != device:
+            cached = torch.tensor(index, dtype=torch.long, device=device)
+            self._index_cache[key] = cached
+        return cached
+
+    def _step(
+        self,
+        batch: TaskLosses,
+        *,
+        shared: Iterable[Tensor] | None,
+        features: Tensor | Sequence[Tensor] | None,
+    ) -> StepRecord:
+        roots = batch.present_values
+        if not roots.requires_grad:
+            raise RuntimeError("none of the given losses requires grad; compute them from the model under autograd")
+        index = self._index_tensor(batch.index, roots.device)
+        shared_list = [p for p in shared if p.requires_grad] if shared is not None else None
+        if self.gradients == "features":
+            if features is None:
+                raise ValueError(
+                    f"{self.info.name} with gradients='features' needs the shared representation: "
+                    "backward(losses, features=z)"
+                )
+            feature_list = [features] if isinstance(features, Tensor) else list(features)
+            jacobian = feature_jacobian(roots, feature_list)
+            aggregation = self.aggregate(jacobian, roots.detach(), index)
+            direction = self._direction(aggregation, jacobian)
+            heads = reachable_leaves([roots], stop_at=feature_list, exclude=shared_list or ())
+            self._backward_heads(roots, aggregation, heads)
+            backward_through(feature_list, direction, shared_list)
+        else:
+            if shared_list is None:
+                raise ValueError(
+                    f"{self.info.name} needs the shared parameters: backward(losses, shared=model.trunk.parameters())"
+                    + (", or gradients='features' with features=z" if self.info.feature_level != "no" else "")
+                )
+            if not shared_list:
+                raise ValueError("shared= contained no parameter that requires grad")
+            jacobian = parameter_jacobian(roots, shared_list)
+            aggregation = self.aggregate(jacobian, roots.detach(), index)
+            direction = self._direction(aggregation, jacobian)
+            heads = reachable_leaves([roots], exclude=shared_list)
+            self._backward_heads(roots, aggregation, heads)
+            accumulate_grad(shared_list, direction)
+        weights = batch.values.new_zeros(self.num_tasks).index_copy(0, index, aggregation.weights.to(roots.dtype))
+        return self._record(batch, weights, aggregation.extras)
+
+    @staticmethod
+    def _direction(aggregation: Aggregation, jacobian: Tensor) -> Tensor:
+        if aggregation.direction is not None:
+            return aggregation.direction.to(jacobian.dtype)
+        return aggregation.weights.to(jacobian.dtype) @ jacobian
+
+    def _backward_heads(self, roots: Tensor, aggregation: Aggregation, heads: list[Tensor]) -> None:
+        if not heads:
+            return
+        head_weights = aggregation.weights.to(roots.dtype) if self.scale_heads else torch.ones_like(roots)
+        torch.autograd.backward(roots, grad_tensors=head_weights.detach(), inputs=heads)
+
+    def extra_repr(self) -> str:
+        return f"tasks={list(self.tasks)}, gradients={self.gradients!r}"
+
+
+def _feature_methods() -> list[str]:
+    from .registry import available
+
+    return [m.name for m in available() if m.family == "gradient" and m.feature_level != "no"]

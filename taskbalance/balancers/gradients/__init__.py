@@ -1,0 +1,1 @@
+"""Gradient-level methods: each reads the per-task gradients of the shared part."""

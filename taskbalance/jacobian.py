@@ -1,0 +1,180 @@
+"""The one place that computes per-task gradients.
+
+Two entry points, both batched over tasks in a single autograd call
+(``torch.autograd.grad(..., is_grads_batched=True)``, i.e. a vmapped vector-Jacobian product):
+
+* :func:`parameter_jacobian` — the ``K × P`` matrix of per-task gradients w.r.t. shared parameters;
+* :func:`feature_jacobian` — the ``K × N`` matrix of per-task gradients w.r.t. a shared feature tensor
+  (MGDA-UB style); the combined feature gradient then needs only one ordinary trunk backward
+  (:func:`backward_through`).
+
+Where an operation has no batching rule and the batched call fails, both fall back to a loop of
+``autograd.grad`` calls and warn once. Nothing here leaves the tensors' device.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "parameter_jacobian",
+    "feature_jacobian",
+    "reachable_leaves",
+    "accumulate_grad",
+    "backward_through",
+]
+
+_warned_fallback = False
+_eye_cache: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}
+
+
+def _eye(k: int, like: Tensor) -> Tensor:
+    key = (k, like.dtype, like.device)
+    eye = _eye_cache.get(key)
+    if eye is None:
+        eye = torch.eye(k, dtype=like.dtype, device=like.device)
+        _eye_cache[key] = eye
+    return eye
+
+
+def _warn_fallback(error: Exception) -> None:
+    global _warned_fallback
+    if not _warned_fallback:
+        warnings.warn(
+            "taskbalance: the batched per-task backward failed "
+            f"({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
+            "falling back to one backward per task, which is slower. This warning is shown once.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        _warned_fallback = True
+
+
+def _batched_grads(
+    losses: Tensor, inputs: Sequence[Tensor], retain_graph: bool
+) -> list[Tensor]:
+    """Rows ``∂ losses[k] / ∂ inputs`` for every k, one tensor ``(K, *input.shape)`` per input."""
+    if losses.dim() != 1:
+        raise ValueError(f"expected a 1-d vector of task losses, got shape {tuple(losses.shape)}")
+    k = losses.shape[0]
+    try:
+        grads = torch.autograd.grad(
+            losses,
+            list(inputs),
+            grad_outputs=_eye(k, losses),
+            retain_graph=retain_graph,
+            is_grads_batched=True,
+            allow_unused=True,
+        )
+    except RuntimeError as error:
+        if "does not require grad" in str(error) or "backward through the graph a second time" in str(error):
+            raise
+        _warn_fallback(error)
+        rows = [
+            torch.autograd.grad(losses[i], list(inputs), retain_graph=True, allow_unused=True)
+            for i in range(k)  # fallback only: batching was impossible
+        ]
+        grads = tuple(
+            torch.stack([row[j] if row[j] is not None else torch.zeros_like(x) for row in rows])
+            for j, x in enumerate(inputs)
+        )
+    return [
+        g if g is not None else torch.zeros((k, *x.shape), dtype=x.dtype, device=x.device)
+        for g, x in zip(grads, inputs)
+    ]
+
+
+def parameter_jacobian(
+    losses: Tensor, parameters: Sequence[Tensor], *, retain_graph: bool = True
+) -> Tensor:
+    """Per-task gradients of ``losses`` (shape ``(K,)``) w.r.t. ``parameters``, as a ``K × P`` matrix.
+
+    Row ``k`` is ``∇_θ losses[k]`` flattened and concatenated over ``parameters`` in order (the layout
+    :func:`accumulate_grad` expects). Parameters a task does not reach get zero entries.
+    """
+    grads = _batched_grads(losses, parameters, retain_graph)
+    k = losses.shape[0]
+    return torch.cat([g.reshape(k, -1) for g in grads], dim=1)
+
+
+def feature_jacobian(
+    losses: Tensor, features: Sequence[Tensor], *, retain_graph: bool = True
+) -> Tensor:
+    """Per-task gradients of ``losses`` w.r.t. shared feature tensors, as a ``K × N`` matrix.
+
+    ``N`` is the total number of feature entries (batch included), so this is the representation-level
+    Jacobian of MGDA-UB (Sener & Koltun, 2018, §3.3). Only the task heads are back-propagated through.
+    """
+    grads = _batched_grads(losses, features, retain_graph)
+    k = losses.shape[0]
+    return torch.cat([g.reshape(k, -1) for g in grads], dim=1)
+
+
+def _split_like(flat: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
+    sizes = [t.numel() for t in like]
+    return [piece.view_as(t) for piece, t in zip(torch.split(flat, sizes), like)]
+
+
+def accumulate_grad(parameters: Sequence[Tensor], flat_grad: Tensor) -> None:
+    """Add a flat gradient (layout of :func:`parameter_jacobian`) into ``.grad`` of ``parameters``."""
+    for parameter, piece in zip(parameters, _split_like(flat_grad, parameters)):
+        piece = piece.to(parameter.dtype)
+        if parameter.grad is None:
+            parameter.grad = piece.clone()
+        else:
+            parameter.grad.add_(piece)
+
+
+def backward_through(
+    features: Sequence[Tensor], flat_grad: Tensor, inputs: Sequence[Tensor] | None = None
+) -> None:
+    """One ordinary backward from the shared features with the combined feature gradient ``flat_grad``.
+
+    Accumulates into ``.grad`` of ``inputs`` (all leaves behind the features if ``None``).
+    """
+    pieces = _split_like(flat_grad, features)
+    torch.autograd.backward(
+        list(features), grad_tensors=pieces, inputs=list(inputs) if inputs is not None else None
+    )
+
+
+def reachable_leaves(
+    roots: Iterable[Tensor],
+    *,
+    stop_at: Iterable[Tensor] = (),
+    exclude: Iterable[Tensor] = (),
+) -> list[Tensor]:
+    """Leaf tensors requiring grad that the autograd graph of ``roots`` reaches.
+
+    The walk does not go past the tensors in ``stop_at`` (e.g. the shared features, so only the task heads
+    are visited) and leaves out the tensors in ``exclude`` (e.g. the shared parameters). This is how a
+    balancer finds the task-specific parameters without the user listing them.
+    """
+    stop_nodes = set()
+    stop_ids = set()
+    for tensor in stop_at:
+        stop_ids.add(id(tensor))
+        if tensor.grad_fn is not None:
+            stop_nodes.add(tensor.grad_fn)
+    excluded = {id(t) for t in exclude} | stop_ids
+    seen: set[object] = set()
+    leaves: list[Tensor] = []
+    stack = [r.grad_fn for r in roots if r.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if node in seen or node in stop_nodes:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)
+        if variable is not None:
+            if id(variable) not in excluded:
+                leaves.append(variable)
+            continue
+        for child, _ in node.next_functions:
+            if child is not None and child not in seen:
+                stack.append(child)
+    return leaves
