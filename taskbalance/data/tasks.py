@@ -1,0 +1,96 @@
+"""Task specifications: what a task predicts, how it is trained and how it is scored."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["Task", "TaskKind", "TaskRole"]
+
+TaskKind = Literal["regression", "binary", "multiclass"]
+TaskRole = Literal["target", "auxiliary"]
+_METRICS = {"regression": ("mae", False), "binary": ("accuracy", True), "multiclass": ("accuracy", True)}
+
+
+@dataclass(frozen=True)
+class Task:
+    """One task of a multi-task problem.
+
+    Attributes:
+        name: unique name; balancers, records and reports key everything by it.
+        kind: ``"regression"`` (one output, MSE training loss, MAE metric), ``"binary"`` (one logit,
+            BCE-with-logits, accuracy) or ``"multiclass"`` (``num_classes`` logits, cross-entropy, accuracy).
+        num_classes: number of classes for ``"multiclass"``.
+        metric: name of the evaluation metric (default from ``kind``).
+        higher_is_better: direction of ``metric`` (default from ``kind``).
+        role: ``"target"`` or ``"auxiliary"``; Δm and verdicts of auxiliary-task studies use targets only.
+        unit: unit of the metric in original units, for display (e.g. ``"meV"``).
+        scale: regression targets are stored standardised; ``scale`` (the training std) converts an error
+            back to original units for the metric.
+    """
+
+    name: str
+    kind: TaskKind
+    num_classes: int | None = None
+    metric: str = ""
+    higher_is_better: bool | None = None
+    role: TaskRole = "target"
+    unit: str = ""
+    scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in _METRICS:
+            raise ValueError(f"task {self.name!r}: kind must be one of {sorted(_METRICS)}, got {self.kind!r}")
+        if self.kind == "multiclass" and (self.num_classes is None or self.num_classes < 2):
+            raise ValueError(f"task {self.name!r}: a multiclass task needs num_classes >= 2")
+        if self.role not in ("target", "auxiliary"):
+            raise ValueError(f"task {self.name!r}: role must be 'target' or 'auxiliary', got {self.role!r}")
+        metric, higher = _METRICS[self.kind]
+        if not self.metric:
+            object.__setattr__(self, "metric", metric)
+        if self.higher_is_better is None:
+            object.__setattr__(self, "higher_is_better", higher)
+
+    @property
+    def output_size(self) -> int:
+        """Number of model outputs the task's head produces."""
+        return self.num_classes if self.kind == "multiclass" and self.num_classes else 1
+
+    def loss(self, prediction: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Mean training loss over the labelled samples (``mask`` true); 0-d tensor.
+
+        With no labelled sample the result is an exact 0 that still carries the graph (callers normally leave
+        such a task out of the step instead; see :func:`taskbalance.data.present_losses`).
+        """
+        if self.kind == "regression":
+            per_sample = (prediction.reshape(-1) - target.reshape(-1).to(prediction.dtype)) ** 2
+        elif self.kind == "binary":
+            per_sample = F.binary_cross_entropy_with_logits(
+                prediction.reshape(-1), target.reshape(-1).to(prediction.dtype), reduction="none"
+            )
+        else:
+            per_sample = F.cross_entropy(prediction, target.reshape(-1).long(), reduction="none")
+        if mask is None:
+            return per_sample.mean()
+        weights = mask.reshape(-1).to(per_sample.dtype)
+        return (per_sample * weights).sum() / weights.sum().clamp_min(1.0)
+
+    def metric_sums(self, prediction: Tensor, target: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``(sum of per-sample metric values, number of labelled samples)`` for streaming evaluation.
+
+        MAE is reported in original units (multiplied by :attr:`scale`); accuracy as a fraction.
+        """
+        if self.kind == "regression":
+            values = (prediction.reshape(-1) - target.reshape(-1).to(prediction.dtype)).abs() * self.scale
+        elif self.kind == "binary":
+            values = ((prediction.reshape(-1) > 0).long() == target.reshape(-1).long()).to(torch.float32)
+        else:
+            values = (prediction.argmax(dim=-1) == target.reshape(-1).long()).to(torch.float32)
+        if mask is None:
+            return values.sum(), torch.tensor(float(values.numel()), device=values.device)
+        weights = mask.reshape(-1).to(values.dtype)
+        return (values * weights).sum(), weights.sum()
