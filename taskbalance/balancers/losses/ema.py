@@ -28,9 +28,9 @@ _REFERENCES = ("one", "mean", "max", "sum_to_K")
 class EMALossWeighting(LossBalancer):
     """EMA loss weighting: each loss divided by an EMA of its own observed magnitude.
 
-    The paper (abstract only readable) fixes the idea: scale each task loss directly by its observed magnitude,
-    tracked with an exponential moving average, so that tasks with large losses stop dominating. Everything
-    else below is **our choice** (``METHODS.md`` §2.3), made configurable:
+    The paper (abstract only readable) fixes the idea: scale each task loss directly by its observed
+    magnitude, tracked with an exponential moving average, so that tasks with large losses stop dominating.
+    Everything else below is **our choice** (``METHODS.md`` §2.3), made configurable:
 
     * magnitude ``ℓ_k = |sg(L_k)|`` (``magnitude="abs"``) or ``sg(L_k)`` (``"raw"``);
     * EMA per optimisation step: ``m_k ← β m_k + (1 − β) ℓ_k``, initialised from the first observation
@@ -42,7 +42,7 @@ class EMALossWeighting(LossBalancer):
     * weights ``w_k = R / (m_k + ε)`` with the variant chosen by ``reference``: ``"one"`` (R = 1; every scaled
       loss ≈ 1), ``"mean"`` (R = mean_j m_j; keeps the magnitude of EW so its learning rate transfers),
       ``"max"`` (R = max_j m_j), ``"sum_to_K"`` (weights sum to K) or ``"task:<name>"`` (R = m of that
-      task: every loss in the units of a main task);
+      task: every loss in the units of a main task; until that task has been observed, R = 1);
     * ``L_tot = Σ_k sg(w_k) L_k``: weights are detached (``detach=False`` is offered only as an ablation);
     * optional clamp ``w_k ≤ max_weight``.
 
@@ -78,8 +78,10 @@ class EMALossWeighting(LossBalancer):
             raise ValueError(f"update must be 'before' or 'after', got {update!r}")
         if eps <= 0:
             raise ValueError(f"eps must be > 0, got {eps}")
-        if not detach and (reference != "one" or init != "first"):
-            raise ValueError("detach=False is an ablation defined only for reference='one', init='first'")
+        if not detach and (reference != "one" or init != "first" or update != "before"):
+            raise ValueError(
+                "detach=False is an ablation defined only for reference='one', init='first', update='before'"
+            )
         if max_weight is not None and max_weight <= 0:
             raise ValueError(f"max_weight must be > 0, got {max_weight}")
         self.reference_task: int | None = None
@@ -115,7 +117,8 @@ class EMALossWeighting(LossBalancer):
             blended = torch.where(first, observed, self.beta * self.ema + (1 - self.beta) * observed)
         else:
             blended = self.beta * self.ema + (1 - self.beta) * observed
-        return torch.where(present, blended, self.ema), self.observations + present.to(self.observations.dtype)
+        observations = self.observations + present.to(self.observations.dtype)
+        return torch.where(present, blended, self.ema), observations
 
     def _weights(self, scale: Tensor, seen: Tensor) -> Tensor:
         inverse = 1.0 / (scale + self.eps)
@@ -128,8 +131,8 @@ class EMALossWeighting(LossBalancer):
                 numerator = (scale * seen).sum() / seen.sum().clamp_min(1)
             elif self.reference == "max":
                 numerator = torch.where(seen, scale, torch.zeros_like(scale)).max()
-            else:
-                numerator = scale[self.reference_task]
+            else:  # a reference task not yet observed has no scale: fall back to R = 1 until it is
+                numerator = torch.where(seen[self.reference_task], scale[self.reference_task], 1.0)
             weights = numerator * inverse
         weights = torch.where(seen, weights, torch.ones_like(weights))  # never-seen tasks: weight 1
         if self.max_weight is not None:
@@ -153,7 +156,12 @@ class EMALossWeighting(LossBalancer):
             return (weights * losses).sum(), weights
         # Ablation only (reference="one", init="first"): the divisor m_k carries gradient through the
         # current observation, d(L/m)/dθ gains the term −L (1−β)/m² ∇L (METHODS.md §2.3).
+        # The reported weights are then the exact derivatives d(L/(m+ε))/dL = (m + ε − L m') / (m + ε)².
         live = losses.abs() if self.magnitude == "abs" else losses
         divisor = torch.where(first, live, self.beta * previous.to(losses.dtype) + (1 - self.beta) * live)
         safe = torch.where(present, divisor + self.eps, torch.ones_like(divisor))
-        return torch.where(present, losses / safe, torch.zeros_like(losses)).sum(), weights
+        slope = torch.sign(losses.detach()) if self.magnitude == "abs" else torch.ones_like(losses)
+        slope = torch.where(first, slope, (1 - self.beta) * slope)
+        exact = (safe.detach() - losses.detach() * slope) / safe.detach() ** 2
+        exact = torch.where(present, exact, torch.zeros_like(exact))
+        return torch.where(present, losses / safe, torch.zeros_like(losses)).sum(), exact

@@ -19,7 +19,8 @@ __all__ = ["EqualWeighting"]
 class EqualWeighting(LossBalancer):
     """Equal weighting: ``L = Σ_k L_k`` (LibMTL's ``EW``; a sum, not a mean). No hyperparameters.
 
-    Equivalent to ``sum(losses.values()).backward()``; it is the reference every other method is compared with.
+    Equivalent to ``sum(losses.values()).backward()``; it is the reference every other method is compared
+    with.
     """
 
     def objective(self, losses: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
