@@ -6,7 +6,7 @@ Every built-in dataset fits in memory on a laptop, so a split is a set of tensor
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -14,12 +14,12 @@ from torch import Tensor
 
 from .tasks import Task
 
-__all__ = ["Split", "MultiTaskData"]
+__all__ = ["Split", "MultiTaskData", "present_losses"]
 
 
 @dataclass
 class Split:
-    """One split: inputs ``x`` (N, ...), per-task targets ``y[task]`` (N, ...) and label masks ``mask[task]`` (N,)."""
+    """One split: inputs ``x`` (N, ...), targets ``y[task]`` (N, ...), label masks ``mask[task]`` (N,)."""
 
     x: Tensor
     y: dict[str, Tensor]
@@ -43,7 +43,8 @@ class Split:
         order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
         for start in range(0, n, batch_size):
             idx = order[start:start + batch_size]
-            yield self.x[idx], {k: v[idx] for k, v in self.y.items()}, {k: v[idx] for k, v in self.mask.items()}
+            y = {k: v[idx] for k, v in self.y.items()}
+            yield self.x[idx], y, {k: v[idx] for k, v in self.mask.items()}
 
 
 @dataclass
@@ -72,3 +73,26 @@ class MultiTaskData:
     @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.train.x.shape[1:])
+
+
+def present_losses(
+    tasks: Sequence[Task],
+    predictions: Mapping[str, Tensor],
+    targets: Mapping[str, Tensor],
+    masks: Mapping[str, Tensor] | None = None,
+) -> dict[str, Tensor]:
+    """Per-task mean losses of one batch, keyed by task name, leaving out tasks with no label in the batch.
+
+    A balancer treats a task absent from the mapping as missing for that step (it skips it and says so in
+    its record), which is what a partially labelled batch means; a loss of 0 would instead read as a
+    perfectly solved task. Deciding which tasks are present needs one host read per call (all tasks'
+    "any label?" flags are gathered into one small tensor first); without ``masks`` there is none.
+    """
+    if masks is None:
+        return {t.name: t.loss(predictions[t.name], targets[t.name]) for t in tasks}
+    present = torch.stack([masks[t.name].any() for t in tasks]).tolist()  # one host sync per batch
+    return {
+        t.name: t.loss(predictions[t.name], targets[t.name], masks[t.name])
+        for t, keep in zip(tasks, present, strict=True)
+        if keep
+    }

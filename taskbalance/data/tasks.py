@@ -31,6 +31,8 @@ class Task:
         unit: unit of the metric in original units, for display (e.g. ``"meV"``).
         scale: regression targets are stored standardised; ``scale`` (the training std) converts an error
             back to original units for the metric.
+        offset: the training mean subtracted from a standardised regression target; a prediction in original
+            units is ``prediction * scale + offset``.
     """
 
     name: str
@@ -41,6 +43,7 @@ class Task:
     role: TaskRole = "target"
     unit: str = ""
     scale: float = 1.0
+    offset: float = 0.0
 
     def __post_init__(self) -> None:
         if self.kind not in _METRICS:
@@ -79,7 +82,9 @@ class Task:
         weights = mask.reshape(-1).to(per_sample.dtype)
         return (per_sample * weights).sum() / weights.sum().clamp_min(1.0)
 
-    def metric_sums(self, prediction: Tensor, target: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def metric_sums(
+        self, prediction: Tensor, target: Tensor, mask: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         """``(sum of per-sample metric values, number of labelled samples)`` for streaming evaluation.
 
         MAE is reported in original units (multiplied by :attr:`scale`); accuracy as a fraction.

@@ -1,0 +1,79 @@
+"""``build_model(data, arch)``: a multi-task model whose heads fit the dataset's tasks."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from torch import nn
+
+from ..data.base import MultiTaskData
+from .base import MultiTaskModel, make_head
+from .mmoe import MMoE
+from .trunks import ConvTrunk, MLPTrunk
+
+__all__ = ["build_model", "ARCHITECTURES"]
+
+ARCHITECTURES = ("auto", "mlp", "cnn", "qm9", "mmoe")
+
+
+def _hard_sharing(
+    data: MultiTaskData, trunk: nn.Module, feature_size: int, head_hidden: Sequence[int], act: str
+) -> MultiTaskModel:
+    heads = nn.ModuleDict({t.name: make_head(t, feature_size, head_hidden, act) for t in data.tasks})
+    return MultiTaskModel(data.tasks, trunk, heads, feature_size)
+
+
+def build_model(data: MultiTaskData, arch: str = "auto", **options: Any) -> MultiTaskModel:
+    """Build a multi-task model for ``data``: a trunk for its inputs, one head per task (``output_size``).
+
+    Architectures (``options`` in brackets, defaults shown):
+
+    * ``"mlp"`` — hard sharing, MLP trunk over flattened inputs
+      (``hidden=(256, 256)``, ``act="relu"``, ``dropout=0.0``, ``head_hidden=()``);
+    * ``"qm9"`` — the MLP of QM9-NOTES.md: 3 × 256, SiLU, linear heads (same options);
+    * ``"cnn"`` — hard sharing, the LeNet-style trunk of Sener & Koltun 2018 for images
+      (``channels=(10, 20)``, ``out_features=50``, ``head_hidden=(50,)``: their 50-unit task towers);
+    * ``"mmoe"`` — Multi-gate Mixture-of-Experts (``num_experts=8``, ``expert_hidden=(64,)``,
+      ``expert_size=32``, ``head_hidden=()``, ``act="relu"``); see :mod:`taskbalance.models.mmoe` for
+      which parameters to pass as ``shared=``;
+    * ``"auto"`` — ``cnn`` for image inputs ``(C, H, W)``, ``qm9`` for the ``qm9`` dataset, ``mlp`` otherwise.
+
+    Seed the global RNG (``torch.manual_seed``) before calling for reproducible initial weights.
+    """
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"arch must be one of {ARCHITECTURES}, got {arch!r}")
+    shape = data.input_shape
+    if arch == "auto":
+        arch = "cnn" if len(shape) == 3 else "qm9" if data.name == "qm9" else "mlp"
+    in_features = math.prod(shape)
+    opts = dict(options)
+
+    def take(allowed: dict[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(opts) - set(allowed))
+        if unknown:
+            raise TypeError(
+                f"build_model(arch={arch!r}) got unknown option(s) {unknown}; accepted: {sorted(allowed)}"
+            )
+        return {**allowed, **opts}
+
+    if arch in ("mlp", "qm9"):
+        defaults: dict[str, Any] = (
+            {"hidden": (256, 256, 256), "act": "silu", "dropout": 0.0, "head_hidden": ()}
+            if arch == "qm9"
+            else {"hidden": (256, 256), "act": "relu", "dropout": 0.0, "head_hidden": ()}
+        )
+        o = take(defaults)
+        trunk = MLPTrunk(in_features, o["hidden"], act=o["act"], dropout=o["dropout"])
+        return _hard_sharing(data, trunk, trunk.out_features, o["head_hidden"], o["act"])
+    if arch == "cnn":
+        if len(shape) != 3:
+            raise ValueError(
+                f"arch='cnn' needs image inputs (C, H, W); {data.name!r} has input shape {shape}"
+            )
+        o = take({"channels": (10, 20), "out_features": 50, "head_hidden": (50,)})
+        conv = ConvTrunk(shape, o["channels"], o["out_features"])
+        return _hard_sharing(data, conv, conv.out_features, o["head_hidden"], "relu")
+    o = take({"num_experts": 8, "expert_hidden": (64,), "expert_size": 32, "head_hidden": (), "act": "relu"})
+    return MMoE(data.tasks, in_features, **o)
