@@ -1,0 +1,1 @@
+"""Benchmark engine: run specs → executor → results store → summary (Δm, verdicts, cost)."""

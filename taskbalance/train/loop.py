@@ -1,0 +1,410 @@
+"""A plain fit/evaluate loop: validation-based model selection, checkpoint/resume, cost measurement.
+
+::
+
+    torch.manual_seed(seed)                       # model initialisation
+    model = build_model(data)
+    balancer = taskbalance.make("ema", tasks=data.task_names)
+    result = fit(model, data, balancer, TrainConfig(epochs=20), seed=seed, checkpoint="run.pt", resume=True)
+    result.test          # test metrics of the epoch chosen on the validation split
+
+The loop follows the balancer protocol of :mod:`taskbalance.balancers.base` and nothing more: ``backward``
+per step, ``after_step`` when the method asks for it, ``end_epoch`` after each epoch. Tasks with no labelled
+sample in a batch are left out of that step's ``losses`` mapping. Nothing in a step reads a device tensor on
+the host: losses, weights and metric sums are accumulated on the device and read once per epoch.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..balancers.base import Balancer
+from ..data.base import MultiTaskData, Split
+from ..data.tasks import Task
+from .checkpoint import CHECKPOINT_FORMAT, capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from .config import TrainConfig
+
+__all__ = ["fit", "evaluate", "FitResult", "seed_everything", "selection_score", "EpochCallback"]
+
+EpochCallback = Callable[[int, dict[str, Any], nn.Module], None]
+
+
+@dataclass
+class FitResult:
+    """What a training run produced (plain Python values, picklable and JSON-able).
+
+    Attributes:
+        tasks: task names, in the order of every per-task list below.
+        test: test metric per task, of the selected epoch (the test split is read once, at the end).
+        val: validation metric per task at the selected epoch.
+        selected_epoch: 1-based epoch whose weights were kept (chosen on validation only).
+        history: one dict per epoch: ``epoch``, ``lr``, ``train_loss`` and ``val``/``val_loss`` per task,
+            ``score`` (selection criterion, lower is better), ``weights`` (mean balancer weight per task),
+            ``train_seconds``.
+        weights: the balancer's weights, ``epochs × steps × K`` (``record.weights`` stacked per epoch).
+        ms_per_step: training wall time per optimisation step (whole epochs timed with ``perf_counter``,
+            evaluation excluded).
+        peak_memory_mb: on CUDA ``torch.cuda.max_memory_allocated``; on CPU the process's peak resident set
+            size (``getrusage`` maxrss), which includes the Python interpreter and torch itself.
+        steps: optimisation steps taken in total.
+    """
+
+    tasks: list[str]
+    test: dict[str, float]
+    val: dict[str, float]
+    selected_epoch: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+    weights: list[list[list[float]]] = field(default_factory=list)
+    ms_per_step: float = float("nan")
+    peak_memory_mb: float = float("nan")
+    steps: int = 0
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch's global RNG (model initialisation, dropout) and Python's ``random``."""
+    import random
+
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def evaluate(
+    model: nn.Module,
+    split: Split,
+    tasks: Sequence[Task],
+    *,
+    batch_size: int = 2048,
+    device: torch.device | str | None = None,
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Metric and mean loss per task over the labelled samples of ``split`` (``nan`` if a task has none).
+
+    Sums stay on the device and are read once at the end. The model's train/eval mode is restored.
+    """
+    device = torch.device(device) if device is not None else _device_of(model)
+    was_training = model.training
+    model.eval()
+    k = len(tasks)
+    metric_sums: list[Tensor] = [torch.zeros((), device=device) for _ in range(k)]
+    loss_sums: list[Tensor] = [torch.zeros((), device=device) for _ in range(k)]
+    counts: list[Tensor] = [torch.zeros((), device=device) for _ in range(k)]
+    try:
+        with torch.no_grad():
+            for x, y, mask in split.batches(batch_size):
+                _, predictions = model(x.to(device))
+                for i, task in enumerate(tasks):
+                    target, labelled = y[task.name].to(device), mask[task.name].to(device)
+                    value, count = task.metric_sums(predictions[task.name], target, labelled)
+                    metric_sums[i] = metric_sums[i] + value.float()
+                    counts[i] = counts[i] + count.float()
+                    loss = task.loss(predictions[task.name], target, labelled).float()
+                    loss_sums[i] = loss_sums[i] + loss * count
+    finally:
+        model.train(was_training)
+    host = torch.stack([torch.stack(metric_sums), torch.stack(loss_sums), torch.stack(counts)]).cpu().tolist()
+    metrics: dict[str, float] = {}
+    losses: dict[str, float] = {}
+    for i, task in enumerate(tasks):
+        count = host[2][i]
+        metrics[task.name] = host[0][i] / count if count > 0 else math.nan
+        losses[task.name] = host[1][i] / count if count > 0 else math.nan
+    return metrics, losses
+
+
+def selection_score(
+    tasks: Sequence[Task],
+    val: Mapping[str, float],
+    val_loss: Mapping[str, float],
+    reference: Mapping[str, float],
+    criterion: str,
+) -> float:
+    """The model-selection criterion (lower is better) over the target tasks.
+
+    ``"relative"``: mean of ``s_t (M_t − R_t) / |R_t|`` with ``s_t = −1`` if higher is better else ``+1`` and
+    ``R`` the reference (first-epoch) validation metrics; ``"loss"``: sum of validation losses. Auxiliary
+    tasks are ignored. Returns ``nan`` when no target task has a finite value.
+    """
+    targets = [t for t in tasks if t.role == "target"] or list(tasks)
+    terms: list[float] = []
+    for task in targets:
+        if criterion == "loss":
+            terms.append(val_loss[task.name])
+            continue
+        ref, value = reference.get(task.name, math.nan), val[task.name]
+        sign = -1.0 if task.higher_is_better else 1.0
+        terms.append(sign * (value - ref) / max(abs(ref), 1e-12))
+    finite = [v for v in terms if math.isfinite(v)]
+    if not finite:
+        return math.nan
+    return sum(finite) if criterion == "loss" else sum(finite) / len(finite)
+
+
+def fit(
+    model: nn.Module,
+    data: MultiTaskData,
+    balancer: Balancer,
+    config: TrainConfig,
+    *,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    checkpoint: str | Path | None = None,
+    resume: bool = False,
+    progress: bool | None = None,
+    on_epoch_end: EpochCallback | None = None,
+) -> FitResult:
+    """Train ``model`` on ``data.train`` with ``balancer``, select an epoch on ``data.val``, test it once.
+
+    Args:
+        model: a multi-task model with ``.trunk`` (shared part), ``.heads`` and ``forward(x) -> (features,
+            {task: prediction})``. Seed torch before building it (see :func:`seed_everything`).
+        data: the dataset; its tasks must be the balancer's tasks.
+        balancer: any registered method (``taskbalance.make(...)``); its parameters join the optimiser.
+        config: the training protocol.
+        seed: seeds the data-order generator and torch's global RNG (dropout) at the start of a fresh run.
+        device: where to train (default: the model's device).
+        checkpoint: path of a checkpoint written atomically every ``config.checkpoint_every`` epochs with the
+            model, optimiser, scheduler, balancer, RNG states, history and the selected weights so far.
+        resume: continue from ``checkpoint`` if it exists (a fresh run otherwise). The continuation is
+            bit-for-bit identical to an uninterrupted run on CPU.
+        progress: show ``rich`` progress bars (default: only when stderr is a terminal).
+        on_epoch_end: ``callback(epoch, history_entry, model)`` after each epoch (and after its checkpoint).
+
+    Model selection: the kept weights are those of the epoch with the lowest validation
+    :func:`selection_score` (ties: the earliest; epochs with a non-finite score are never selected unless
+    all are, then the last epoch is kept). The test split is never read before the end.
+    """
+    tasks = list(data.tasks)
+    names = [t.name for t in tasks]
+    if set(balancer.tasks) != set(names):
+        raise ValueError(f"the balancer was made for tasks {list(balancer.tasks)} but the data has {names}")
+    heads = getattr(model, "heads", None)
+    if not hasattr(model, "trunk") or heads is None:
+        raise TypeError("fit needs a model with .trunk (shared part) and .heads (one per task)")
+    missing_heads = [n for n in names if n not in heads]
+    if missing_heads:
+        raise ValueError(f"the model has no head for task(s) {missing_heads}")
+    device = torch.device(device) if device is not None else _device_of(model)
+    model.to(device)
+    balancer.to(device)
+    optimizer = _make_optimizer(config, [*model.parameters(), *balancer.parameters()])
+    scheduler = (
+        torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+        if config.scheduler == "cosine"
+        else None
+    )
+    generator = torch.Generator()
+    state: dict[str, Any] = {
+        "epoch": 0, "history": [], "weights": [], "reference": None, "best": None,
+        "train_seconds": 0.0, "steps": 0,
+    }
+    path = Path(checkpoint) if checkpoint is not None else None
+    if resume and path is not None and path.exists():
+        saved = load_checkpoint(path)
+        if saved["config"] != config.to_dict() or saved["tasks"] != names:
+            raise ValueError(
+                f"checkpoint {path} was written under another protocol or task list; refusing to resume"
+            )
+        model.load_state_dict(saved["model"])
+        balancer.load_state_dict(saved["balancer"])
+        optimizer.load_state_dict(saved["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(saved["scheduler"])
+        restore_rng(generator, saved["rng"])
+        state = saved["loop"]
+    else:
+        generator.manual_seed(seed)
+        torch.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    fully_labelled = {n: bool(data.train.mask[n].all()) for n in names}
+    partial = [n for n in names if not fully_labelled[n]]
+    by_name = {t.name: t for t in tasks}
+    steps_per_epoch = math.ceil(len(data.train) / config.batch_size)
+    with _Bars(progress, config.epochs, steps_per_epoch, start=state["epoch"]) as bars:
+        for epoch in range(state["epoch"] + 1, config.epochs + 1):
+            loss_sum = torch.zeros(len(names), device=device)
+            present_sum = torch.zeros(len(names), device=device)
+            step_weights: list[Tensor] = []
+            model.train()
+            started = time.perf_counter()
+            for x, y, mask in data.train.batches(config.batch_size, generator, shuffle=True):
+                present = _present_tasks(names, partial, mask)
+                if not present:
+                    bars.step()
+                    continue
+                x = x.to(device)
+                optimizer.zero_grad(set_to_none=True)
+                features, predictions = model(x)
+                targets = {n: y[n].to(device) for n in present}
+                masks = {n: mask[n].to(device) for n in present}
+                losses = {n: by_name[n].loss(predictions[n], targets[n], masks[n]) for n in present}
+                record = balancer.backward(losses, shared=model.trunk.parameters(), features=features)
+                optimizer.step()
+                if balancer.needs_post_step_losses:
+                    with torch.no_grad():
+                        _, after = model(x)
+                        again = {n: by_name[n].loss(after[n], targets[n], masks[n]) for n in present}
+                    balancer.after_step(again)
+                loss_sum += record.losses.detach().to(loss_sum.dtype)
+                present_sum += record.present.to(present_sum.dtype)
+                step_weights.append(record.weights.detach())
+                bars.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            train_seconds = time.perf_counter() - started
+            balancer.end_epoch()
+            lr = optimizer.param_groups[0]["lr"]
+            if scheduler is not None:
+                scheduler.step()
+            # Once per epoch: read this epoch's weights and mean losses on the host.
+            weights = torch.stack(step_weights).float().cpu().tolist() if step_weights else []
+            train_loss = (loss_sum / present_sum.clamp_min(1)).cpu().tolist()
+            val, val_loss = evaluate(model, data.val, tasks, batch_size=config.eval_batch_size, device=device)
+            if state["reference"] is None:
+                state["reference"] = dict(val)
+            score = selection_score(tasks, val, val_loss, state["reference"], config.selection)
+            mean_weights = [sum(col) / len(col) for col in zip(*weights, strict=True)] if weights else []
+            mean_weights = mean_weights or [math.nan] * len(names)
+            entry = {
+                "epoch": epoch,
+                "lr": lr,
+                "train_loss": dict(zip(names, train_loss, strict=True)),
+                "val": val,
+                "val_loss": val_loss,
+                "score": score,
+                "weights": dict(zip(names, mean_weights, strict=True)),
+                "train_seconds": train_seconds,
+            }
+            state["history"].append(entry)
+            state["weights"].append(weights)
+            state["train_seconds"] += train_seconds
+            state["steps"] += len(step_weights)
+            best = state["best"]
+            improves = math.isfinite(score) and (best is None or score < best["score"])
+            if improves or (best is None and epoch == config.epochs):  # all non-finite: keep the last epoch
+                state["best"] = {"epoch": epoch, "score": score, "val": val, "model": _clone_state(model)}
+            state["epoch"] = epoch
+            if path is not None and (epoch % config.checkpoint_every == 0 or epoch == config.epochs):
+                save_checkpoint(
+                    {
+                        "format": CHECKPOINT_FORMAT,
+                        "config": config.to_dict(),
+                        "tasks": names,
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                        "balancer": balancer.state_dict(),
+                        "rng": capture_rng(generator),
+                        "loop": state,
+                    },
+                    path,
+                )
+            bars.epoch(epoch, score)
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, entry, model)
+
+    best = state["best"]
+    if best is None:  # only when resuming a checkpoint of a run with zero epochs left and no selection
+        raise RuntimeError("no epoch was trained; nothing to select")
+    model.load_state_dict(best["model"])
+    test, _ = evaluate(model, data.test, tasks, batch_size=config.eval_batch_size, device=device)
+    steps = state["steps"]
+    return FitResult(
+        tasks=names,
+        test=test,
+        val=dict(best["val"]),
+        selected_epoch=int(best["epoch"]),
+        history=list(state["history"]),
+        weights=list(state["weights"]),
+        ms_per_step=1000.0 * state["train_seconds"] / steps if steps else math.nan,
+        peak_memory_mb=_peak_memory_mb(device),
+        steps=steps,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _device_of(model: nn.Module) -> torch.device:
+    for parameter in model.parameters():
+        return parameter.device
+    return torch.device("cpu")
+
+
+def _make_optimizer(config: TrainConfig, parameters: list[nn.Parameter]) -> torch.optim.Optimizer:
+    if config.optimizer == "adam":
+        return torch.optim.Adam(parameters, lr=config.lr, weight_decay=config.weight_decay)
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(parameters, lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
+
+
+def _present_tasks(names: list[str], partial: list[str], mask: Mapping[str, Tensor]) -> list[str]:
+    """Tasks with at least one labelled sample; reads only the host-side batch masks (no device sync)."""
+    if not partial:
+        return names
+    labelled = torch.stack([mask[n].any() for n in partial]).tolist()
+    absent = {n for n, has in zip(partial, labelled, strict=True) if not has}
+    return [n for n in names if n not in absent]
+
+
+def _clone_state(model: nn.Module) -> dict[str, Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return maxrss / 2**20 if sys.platform == "darwin" else maxrss / 2**10  # bytes on macOS, KiB on Linux
+
+
+class _Bars:
+    """``rich`` progress bars (epochs and steps); silent when disabled, not a terminal, or rich is absent."""
+
+    def __init__(self, enabled: bool | None, epochs: int, steps: int, start: int) -> None:
+        self._progress: Any = None
+        if enabled is False:
+            return
+        try:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        except ImportError:
+            return
+        console = Console(stderr=True)
+        if enabled is None and not console.is_terminal:
+            return
+        self._progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+            console=console, transient=True,
+        )
+        self._epochs = self._progress.add_task("epochs", total=epochs, completed=start)
+        self._steps = self._progress.add_task("steps", total=steps)
+        self._steps_total = steps
+
+    def __enter__(self) -> _Bars:
+        if self._progress is not None:
+            self._progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+    def step(self) -> None:
+        if self._progress is not None:
+            self._progress.advance(self._steps)
+
+    def epoch(self, epoch: int, score: float) -> None:
+        if self._progress is not None:
+            description = f"epoch {epoch} (val score {score:+.4f})"
+            self._progress.update(self._epochs, completed=epoch, description=description)
+            self._progress.reset(self._steps, total=self._steps_total)
