@@ -57,12 +57,12 @@ def simplex_qp(
         hessian: ``(..., k, k)`` symmetric positive semi-definite ``H`` (float64 recommended).
         linear: ``(..., k)`` ``b``, or ``None`` for 0.
         iters: number of iterations; ``0`` means ``2k + 4``. Each is one ``(k+1)``-square solve.
-        reg: ridge ``reg · mean(diag H)`` added to ``H`` so that the restricted KKT systems are regular when rows
-            are duplicated or zero (the minimiser is then the least-norm-coefficient one, up to ``reg``).
+        reg: ridge ``reg · mean(diag H)`` added to ``H`` so that the restricted KKT systems are regular when
+            rows are duplicated or zero (the minimiser is then the least-norm-coefficient one, up to ``reg``).
 
     Returns:
-        ``(w, converged)``: ``(..., k)`` weights on the simplex and a ``(...)`` bool tensor, true where the KKT
-        conditions were verified (every later iteration is then a no-op, masked on device).
+        ``(w, converged)``: ``(..., k)`` weights on the simplex and a ``(...)`` bool tensor, true where the
+        KKT conditions were verified (every later iteration is then a no-op, masked on device).
 
     The iterate stays feasible. Starting from the uniform point with every coordinate free, each iteration
     solves the equality-constrained problem on the free set ``F`` (``H_FF y_F − μ 1 = −b_F``, ``1ᵀy_F = 1``).
@@ -108,7 +108,8 @@ def simplex_qp(
         stepped = (w + theta * (y - w)).clamp_min(0)
         blocked = shrinking & (ratios <= theta * (1 + 1e-12))
         new_w = torch.where(feasible[..., None], y, stepped)
-        new_free = torch.where(feasible[..., None], torch.where(optimal[..., None], free, added), free & ~blocked)
+        grown = torch.where(optimal[..., None], free, added)
+        new_free = torch.where(feasible[..., None], grown, free & ~blocked)
         done = feasible & optimal
         w = torch.where(converged[..., None], w, new_w)
         free = torch.where(converged[..., None], free, new_free)
@@ -224,7 +225,8 @@ def nash_weights(
 
     Args:
         gramian: ``(k, k)`` Gramian, already normalised as the caller wants (Nash-MTL divides by ``‖M‖_F``).
-        init: starting point (e.g. the previous step's ``α``); default ``1/√diag M`` (exact for orthogonal rows).
+        init: starting point (e.g. the previous step's ``α``); default ``1/√diag M`` (exact for orthogonal
+            rows).
         iters: Newton iterations.
 
     Returns:
