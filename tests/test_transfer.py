@@ -1,0 +1,131 @@
+"""Δm, relative changes and transfer verdicts, checked against hand-computed cases."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import scipy.stats
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from taskbalance.data.tasks import Task
+from taskbalance.diagnostics import (
+    DELTA_M_CONVENTION,
+    compare_to_baselines,
+    delta_m,
+    relative_change,
+    student_t_sf,
+    verdict,
+    welch_t_test,
+)
+
+MAE = Task("energy", "regression")  # lower is better
+ACC = Task("label", "binary")  # higher is better
+AUX = Task("helper", "regression", role="auxiliary")
+
+
+def test_relative_change_is_positive_when_worse_in_either_direction():
+    assert relative_change(2.0, 4.0, higher_is_better=False) == -50.0  # error halved: better
+    assert relative_change(6.0, 4.0, higher_is_better=False) == 50.0
+    assert relative_change(0.7, 0.8, higher_is_better=True) == pytest.approx(12.5)  # accuracy fell: worse
+    assert relative_change(0.9, 0.8, higher_is_better=True) == pytest.approx(-12.5)
+    assert math.isnan(relative_change(1.0, 0.0, higher_is_better=False))
+
+
+def test_delta_m_averages_signed_relative_changes_lower_is_better():
+    # energy: (2 - 4) / 4 = -50 %; label: -(0.7 - 0.8) / 0.8 = +12.5 %  ->  mean -18.75 %
+    value = delta_m({"energy": 2.0, "label": 0.7}, {"energy": 4.0, "label": 0.8}, [MAE, ACC])
+    assert value == pytest.approx(-18.75)
+    assert "lower is better" in DELTA_M_CONVENTION
+
+
+def test_auxiliary_tasks_are_left_out_unless_asked():
+    metrics = {"energy": 2.0, "helper": 100.0}
+    base = {"energy": 4.0, "helper": 1.0}
+    assert delta_m(metrics, base, [MAE, AUX]) == pytest.approx(-50.0)
+    assert delta_m(metrics, base, [MAE, AUX], targets_only=False) == pytest.approx((-50.0 + 9900.0) / 2)
+    with pytest.raises(ValueError, match="every task is auxiliary"):
+        delta_m(metrics, base, [AUX])
+    with pytest.raises(KeyError, match="energy"):
+        delta_m({}, base, [MAE])
+
+
+def test_student_t_tail_matches_closed_forms():
+    for t in (-3.0, -0.5, 0.0, 0.3, 1.0, 4.0, 25.0):
+        assert student_t_sf(t, 1) == pytest.approx(0.5 - math.atan(t) / math.pi, abs=1e-12)  # Cauchy
+        assert student_t_sf(t, 2) == pytest.approx(0.5 - t / (2 * math.sqrt(2 + t * t)), abs=1e-12)
+    assert student_t_sf(1.959963984540054, 1e7) == pytest.approx(0.025, abs=1e-6)  # normal limit
+    assert student_t_sf(math.inf, 3) == 0.0
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.floats(-30, 30), st.floats(0.5, 300))
+def test_student_t_tail_agrees_with_scipy(t, df):
+    assert student_t_sf(t, df) == pytest.approx(float(scipy.stats.t.sf(t, df)), rel=1e-8, abs=1e-13)
+
+
+def test_welch_statistic_by_hand():
+    # means 2 and 5, sample variances 1 and 1, n = 3: se^2 = 2/3, t = -3 / sqrt(2/3),
+    # df = (2/3)^2 / (2 (1/3)^2 / 2) = 4
+    t, df, p = welch_t_test([1.0, 2.0, 3.0], [4.0, 5.0, 6.0])
+    assert t == pytest.approx(-3.0 / math.sqrt(2.0 / 3.0))
+    assert df == pytest.approx(4.0)
+    assert p == pytest.approx(2 * student_t_sf(abs(t), 4.0))
+    reference = scipy.stats.ttest_ind([1.0, 2.0, 3.0], [4.0, 5.0, 6.0], equal_var=False)
+    assert p == pytest.approx(float(reference.pvalue), rel=1e-9)
+
+
+def test_welch_unequal_sizes_and_variances_agree_with_scipy():
+    a, b = [0.31, 0.35, 0.29, 0.40], [0.52, 0.61]
+    t, df, p = welch_t_test(a, b)
+    reference = scipy.stats.ttest_ind(a, b, equal_var=False)
+    assert t == pytest.approx(float(reference.statistic))
+    assert p == pytest.approx(float(reference.pvalue), rel=1e-9)
+
+
+def test_verdicts_follow_the_metric_direction():
+    low, high = [1.0, 1.1, 0.9], [2.0, 2.1, 1.9]
+    assert verdict(low, high, higher_is_better=False)[0] == "positive transfer"  # smaller error than STL
+    assert verdict(high, low, higher_is_better=False)[0] == "negative transfer"
+    assert verdict(low, high, higher_is_better=True)[0] == "negative transfer"  # lower accuracy than STL
+    assert verdict([1.0, 3.0], [1.5, 2.5], higher_is_better=False)[0] == "no significant difference"
+    assert verdict([1.0], [2.0, 2.1], higher_is_better=False)[0] == "insufficient seeds"
+    assert verdict([1.0, 1.0], [1.0, 1.0], higher_is_better=False) == ("no significant difference", 1.0)
+    assert verdict([1.0, 1.0], [2.0, 2.0], higher_is_better=False) == ("positive transfer", 0.0)
+    with pytest.raises(ValueError, match="alpha"):
+        verdict(low, high, False, alpha=1.5)
+
+
+def test_verdict_threshold_is_the_95_percent_level():
+    # Two seeds each, baseline fixed; shift the method until p crosses 0.05.
+    base = [1.0, 1.2]
+    shifts = [x / 100 for x in range(1, 200)]
+    verdicts = [verdict([1.0 + s, 1.2 + s], base, False) for s in shifts]
+    for (decision, p) in verdicts:
+        assert (decision == "negative transfer") == (p < 0.05)
+    assert {d for d, _ in verdicts} == {"no significant difference", "negative transfer"}
+
+
+def test_compare_to_baselines_gives_delta_m_over_seeds_and_verdicts():
+    runs = [{"energy": 2.0, "label": 0.8, "helper": 5.0}, {"energy": 3.0, "label": 0.8, "helper": 5.0}]
+    baselines = {"energy": [4.0, 4.0], "label": [0.8, 0.8], "helper": [1.0, 1.0]}
+    summary = compare_to_baselines(runs, baselines, [MAE, ACC, AUX])
+    # seed 1: (-50 + 0) / 2 = -25; seed 2: (-25 + 0) / 2 = -12.5
+    assert summary.delta_m == pytest.approx(-18.75)
+    assert summary.delta_m_std == pytest.approx(math.sqrt(2 * 6.25**2))
+    energy = summary.tasks["energy"]
+    assert energy.mean == 2.5 and energy.relative_change == pytest.approx(-37.5)
+    assert energy.verdict == "no significant difference"  # 2 and 3 vs 4 and 4: t = -3, df = 1
+    assert summary.tasks["label"].verdict == "no significant difference"
+    assert summary.tasks["helper"].verdict is None and summary.tasks["helper"].relative_change == 400.0
+    assert summary.verdict_counts() == {"no significant difference": 2}
+    with pytest.raises(KeyError, match="label"):
+        compare_to_baselines(runs, {"energy": [4.0]}, [MAE, ACC])
+
+
+def test_one_seed_gives_a_delta_m_without_spread_and_no_verdict():
+    summary = compare_to_baselines([{"energy": 3.0}], {"energy": [4.0]}, [MAE])
+    assert summary.delta_m == pytest.approx(-25.0)
+    assert math.isnan(summary.delta_m_std)
+    assert summary.tasks["energy"].verdict == "insufficient seeds"
