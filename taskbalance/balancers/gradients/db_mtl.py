@@ -1,0 +1,122 @@
+"""DB-MTL — dual-balancing multi-task learning (Lin, Ye, Xu, Shi & Zhang, arXiv:2308.12029, 2023)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ...record import StepRecord
+from ..base import Aggregation, GradientBalancer, GradientLevel
+from ..inputs import NonFinitePolicy
+from ..registry import register
+
+__all__ = ["DBMTL"]
+
+
+@register(
+    "db-mtl",
+    family="gradient",
+    feature_level="no",
+    paper="Lin et al., 'Dual-Balancing for Multi-Task Learning', arXiv:2308.12029 (2023)",
+    description="Log-transform the losses, then scale every task's EMA gradient to the largest norm.",
+)
+class DBMTL(GradientBalancer):
+    """DB-MTL (Lin et al., 2023, §3; LibMTL ``DB_MTL``).
+
+    * **Loss balancing:** gradients of the log-losses, ``ĝ_k = ∇ log(L_k + ε) = ∇L_k / (L_k + ε)`` — the
+      Jacobian rows are rescaled, nothing is recomputed.
+    * **EMA of gradients** (per task, initialised at 0): ``h_k ← ĝ_k + (β / t_k^{β_σ}) (h_k − ĝ_k)``, with
+      ``t_k`` the number of steps task ``k`` took part in (counted from 1).
+    * **Gradient-magnitude balancing:** ``α_k = max_j ‖h_j‖ / (‖h_k‖ + ε)``; shared update ``Σ_k α_k h_k``:
+      every task contributes a vector of the largest norm, in its own direction.
+
+    Defaults: ``beta=0.9``, ``beta_sigma=0.0`` (LibMTL), ``eps=1e-8`` (both the log and the norm).
+
+    Choices:
+
+    * heads are trained on the log-losses (LibMTL back-propagates ``log(L_k + ε)`` per task), i.e.
+      ``scale_heads = True`` with ``record.weights = 1 / (L_k + ε)``; the balancing factors are in
+      ``record.extras["alpha"]``;
+    * **our choice:** a task absent from a step keeps its EMA and step count; the maximum norm and the
+      update are over the present tasks' EMAs;
+    * the EMA buffer ``ema`` (``K × P``) is sized at the first step; ``load_state_dict`` resizes it, so a
+      fresh balancer loads a checkpoint before its first step;
+    * parameter-level gradients only (LibMTL refuses ``rep_grad``); losses must be ``≥ 0`` (checked).
+    """
+
+    takes_log_of_losses = True
+    ema: Tensor
+    task_steps: Tensor
+
+    def __init__(
+        self,
+        tasks: Sequence[str],
+        *,
+        beta: float = 0.9,
+        beta_sigma: float = 0.0,
+        eps: float = 1e-8,
+        gradients: GradientLevel = "parameters",
+        on_nonfinite: NonFinitePolicy = "raise",
+    ) -> None:
+        super().__init__(tasks, gradients=gradients, on_nonfinite=on_nonfinite)
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"beta must be in [0, 1), got {beta}")
+        if beta_sigma < 0:
+            raise ValueError(f"beta_sigma must be >= 0, got {beta_sigma}")
+        if eps <= 0:
+            raise ValueError(f"eps must be > 0, got {eps}")
+        self.beta = beta
+        self.beta_sigma = beta_sigma
+        self.eps = eps
+        self.register_buffer("ema", torch.zeros(self.num_tasks, 0))
+        self.register_buffer("task_steps", torch.zeros(self.num_tasks))
+
+    def backward(
+        self,
+        losses: Mapping[str, Tensor],
+        *,
+        shared: Iterable[Tensor] | None = None,
+        features: Tensor | Sequence[Tensor] | None = None,
+        **options: Any,
+    ) -> StepRecord:
+        """As :meth:`Balancer.backward`; the first call sizes the EMA buffer from ``shared``."""
+        if shared is not None and self.ema.shape[1] == 0:
+            shared = [p for p in shared if p.requires_grad]
+            if shared:  # sized before the step, so a step that is rolled back (GradScaler overflow) keeps it
+                size = sum(p.numel() for p in shared)
+                self.ema = torch.zeros(self.num_tasks, size, dtype=shared[0].dtype, device=shared[0].device)
+        return super().backward(losses, shared=shared, features=features, **options)
+
+    def aggregate(self, jacobian: Tensor, losses: Tensor, index: Tensor) -> Aggregation:
+        if self.ema.shape[1] != jacobian.shape[1]:
+            if self.ema.shape[1] != 0:
+                raise ValueError(
+                    f"db-mtl: the shared gradient has {jacobian.shape[1]} entries but the EMA was built for "
+                    f"{self.ema.shape[1]}; pass the same shared parameters every step"
+                )
+            self.ema = jacobian.new_zeros(self.num_tasks, jacobian.shape[1])
+        inverse = 1.0 / (losses + self.eps)
+        log_gradients = jacobian * inverse[:, None]
+        steps = self.task_steps[index] + 1
+        rate = (self.beta / steps**self.beta_sigma).to(jacobian.dtype)[:, None]
+        history = self.ema[index].to(jacobian.dtype)
+        ema = log_gradients + rate * (history - log_gradients)
+        self.ema.index_copy_(0, index, ema.to(self.ema.dtype))
+        self.task_steps.index_copy_(0, index, steps)
+        norms = ema.norm(dim=1)
+        alpha = norms.max() / (norms + self.eps)
+        return Aggregation(weights=inverse, direction=alpha @ ema, extras={"alpha": alpha})
+
+    def _load_from_state_dict(
+        self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
+    ) -> None:
+        saved = state_dict.get(prefix + "ema")
+        if isinstance(saved, Tensor) and saved.shape != self.ema.shape:
+            self.ema = self.ema.new_zeros(saved.shape)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, beta={self.beta}, beta_sigma={self.beta_sigma}"
