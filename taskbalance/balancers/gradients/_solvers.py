@@ -44,6 +44,15 @@ def normalized_gramian(gramian: Tensor, eps: float = 0.0) -> tuple[Tensor, Tenso
     return normed, scale
 
 
+def _finished(converged: Tensor) -> bool:
+    """Early exit, on CPU tensors only: reading a CPU tensor costs no device synchronisation.
+
+    On accelerators this returns ``False`` without touching the value, so the fixed iteration count runs and
+    the host never waits for the device; the converged problems are frozen by ``torch.where`` masks.
+    """
+    return converged.device.type == "cpu" and bool(converged.all())
+
+
 def _eye(k: int, like: Tensor) -> Tensor:
     return torch.eye(k, dtype=like.dtype, device=like.device)
 
@@ -78,21 +87,22 @@ def simplex_qp(
     diag_mean = h.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-300)
     h = h + (reg * diag_mean)[..., None, None] * _eye(k, h)
     steps = iters if iters > 0 else 2 * k + 4
-    eye = _eye(k, h)
+    eye = _eye(k + 1, h)
+    bordered = torch.cat(
+        [torch.cat([h, -torch.ones_like(h[..., :1])], -1), torch.cat([torch.ones_like(h[..., :1, :]),
+                                                                    torch.zeros_like(h[..., :1, :1])], -1)],
+        -2,
+    )
+    rhs_full = torch.cat([-b, torch.ones_like(b[..., :1])], -1)
+    always = torch.ones((*batch, 1), dtype=torch.bool, device=h.device)
     free = torch.ones((*batch, k), dtype=torch.bool, device=h.device)
     converged = torch.zeros(batch, dtype=torch.bool, device=h.device)
-    top_right = torch.zeros((*batch, k, 1), dtype=h.dtype, device=h.device)
-    corner = torch.zeros((*batch, 1, 1), dtype=h.dtype, device=h.device)
     w = torch.full((*batch, k), 1.0 / k, dtype=h.dtype, device=h.device)
     tol = 1e-12
     for _ in range(steps):
-        pair = free[..., :, None] & free[..., None, :]
-        block = torch.where(pair, h, torch.where(free[..., :, None], torch.zeros_like(h), eye))
-        column = torch.where(free[..., :, None], -torch.ones_like(top_right), top_right)
-        row = free[..., None, :].to(h.dtype)
-        system = torch.cat([torch.cat([block, column], -1), torch.cat([row, corner], -1)], -2)
-        rhs = torch.cat([torch.where(free, -b, torch.zeros_like(b)), torch.ones_like(b[..., :1])], -1)
-        solution = torch.linalg.solve(system, rhs)
+        free_ext = torch.cat([free, always], -1)
+        system = torch.where(free_ext[..., :, None], bordered * free_ext[..., None, :], eye)
+        solution = torch.linalg.solve(system, rhs_full * free_ext)
         y, mu = solution[..., :k], solution[..., k:]
         feasible = (y >= 0).all(-1)
         # branch 1 (y feasible): move to y, free the most violated coordinate or stop
@@ -114,6 +124,8 @@ def simplex_qp(
         w = torch.where(converged[..., None], w, new_w)
         free = torch.where(converged[..., None], free, new_free)
         converged = converged | done
+        if _finished(converged):
+            break
     w = w.clamp_min(0)
     total = w.sum(-1, keepdim=True)
     w = torch.where(total > 0, w / total.clamp_min(1e-300), torch.full_like(w, 1.0 / k))
@@ -181,6 +193,8 @@ def dual_cone_weights(
         v = torch.where(converged[..., None], v, v_new)
         converged = converged | stable
         at_bound = torch.where(converged[..., None], at_bound, new_bound)
+        if _finished(converged):
+            break
     return torch.maximum(v, u), converged
 
 
