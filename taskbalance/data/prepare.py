@@ -94,14 +94,20 @@ def assemble(
         mask: per-task label masks ``(N,)`` (all true when omitted). Statistics use labelled rows only.
         splits: ``(train, val, test)`` row indices.
     """
-    train_idx, val_idx, test_idx = splits
+    # keep only the rows in use (a subset of a large table), renumbered 0..n-1 in split order
+    rows = torch.cat([s.reshape(-1).long() for s in splits])
+    sizes = [len(s) for s in splits]
+    train_idx, val_idx, test_idx = torch.arange(len(rows)).split(sizes)
     masks = {
         t.name: (
-            mask[t.name] if mask is not None and t.name in mask else torch.ones(len(x), dtype=torch.bool)
+            mask[t.name][rows]
+            if mask is not None and t.name in mask
+            else torch.ones(len(rows), dtype=torch.bool)
         )
         for t in tasks
     }
-    x = x.to(torch.float32)
+    x = x[rows].to(torch.float32)
+    y = {t.name: y[t.name][rows] for t in tasks}
     info: dict[str, object] = dict(protocol or {})
     if standardise_inputs and x.dim() == 2:
         x_train = x[train_idx].double()
