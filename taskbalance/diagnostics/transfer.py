@@ -28,9 +28,19 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Protocol
 
-from ..data.tasks import Task
+
+class Task(Protocol):
+    """What the statistics read from a task (``taskbalance.data.Task`` fits, and so does any record of it)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def higher_is_better(self) -> bool | None: ...
+    @property
+    def role(self) -> str: ...
+
 
 __all__ = [
     "DELTA_M_CONVENTION",
@@ -120,16 +130,18 @@ def _betacf(a: float, b: float, x: float) -> float:
     return result
 
 
-def _incomplete_beta(a: float, b: float, x: float) -> float:
-    """Regularised incomplete beta ``I_x(a, b)``."""
+def _incomplete_beta(a: float, b: float, x: float, y: float) -> float:
+    """Regularised incomplete beta ``I_x(a, b)``, given ``x`` and ``y = 1 − x`` each computed accurately."""
     if x <= 0.0:
         return 0.0
-    if x >= 1.0:
+    if y <= 0.0:
         return 1.0
-    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    log_x = math.log1p(-y) if x > 0.5 else math.log(x)
+    log_y = math.log1p(-x) if y > 0.5 else math.log(y)
+    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * log_x + b * log_y
     if x < (a + 1.0) / (a + b + 2.0):
         return math.exp(log_front) * _betacf(a, b, x) / a
-    return 1.0 - math.exp(log_front) * _betacf(b, a, 1.0 - x) / b
+    return 1.0 - math.exp(log_front) * _betacf(b, a, y) / b
 
 
 def student_t_sf(t: float, df: float) -> float:
@@ -138,7 +150,7 @@ def student_t_sf(t: float, df: float) -> float:
         raise ValueError(f"need df > 0 and a number t, got t={t}, df={df}")
     if math.isinf(t):
         return 0.0 if t > 0 else 1.0
-    tail = 0.5 * _incomplete_beta(df / 2.0, 0.5, df / (df + t * t))
+    tail = 0.5 * _incomplete_beta(df / 2.0, 0.5, df / (df + t * t), t * t / (df + t * t))
     return tail if t >= 0 else 1.0 - tail
 
 
