@@ -29,6 +29,7 @@ __all__ = [
     "cagrad_weights",
     "nash_weights",
     "normalized_gramian",
+    "gramian",
 ]
 
 _REG = 1e-12  # relative ridge added to trace-normalised Gramians so active-set systems stay solvable
@@ -263,3 +264,8 @@ def nash_weights(
         alpha = alpha - step / (1.0 + decrement)
     residual = torch.linalg.vector_norm(m @ alpha - 1.0 / alpha)
     return alpha, residual
+
+
+def gramian(jacobian: Tensor) -> Tensor:
+    """``J Jᵀ`` in float64 (the product is formed in the Jacobian's dtype, then widened)."""
+    return (jacobian @ jacobian.T).to(torch.float64)
