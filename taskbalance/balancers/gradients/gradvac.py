@@ -55,12 +55,13 @@ def vaccinate(
         j = orders[:, position]
         norm_i = (inner * coefficients).sum(dim=1).clamp_min(0).sqrt()
         norm_j = norms[j]
-        similarity = inner[rows, j] / (norm_i * norm_j + eps)
+        similarity = inner[rows, j] / _nonzero(norm_i * norm_j + eps)  # 0 for a zero vector, also at eps=0
         target = targets[rows, j]
-        correct = similarity < target
         root_similarity = (1 - similarity * similarity).clamp_min(0).sqrt()
         root_target = (1 - target * target).clamp_min(0).sqrt()
-        step = norm_i * (target * root_similarity - similarity * root_target) / (norm_j * root_target + eps)
+        denominator = norm_j * root_target + eps
+        correct = (similarity < target) & (denominator > 0)  # nothing to move along when g_j = 0
+        step = norm_i * (target * root_similarity - similarity * root_target) / _nonzero(denominator)
         step = torch.where(correct, step, torch.zeros_like(step))
         coefficients.index_put_((rows, j), step, accumulate=True)
         inner = inner + step[:, None] * gramian[j]
@@ -69,6 +70,10 @@ def vaccinate(
             moved = torch.where(correct, moved, target)
         targets.index_put_((rows, j), moved)
     return coefficients, targets
+
+
+def _nonzero(values: Tensor) -> Tensor:
+    return torch.where(values > 0, values, torch.ones_like(values))
 
 
 @register(

@@ -14,6 +14,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from ...auxiliary.roles import resolve_roles
 from ...record import StepRecord
 from ..base import Aggregation, GradientBalancer, GradientLevel
 from ..inputs import NonFinitePolicy
@@ -62,6 +63,9 @@ class HydaLearn(GradientBalancer):
       ``lookahead_lr`` (``η``) is required: §5.2 takes a plain SGD step with the optimiser's current
       learning rate; it is an attribute, update it when a scheduler changes the rate.
 
+    Roles: ``main="name"`` (or ``targets=["name"]``: one target only); neither means the first task (the
+    library-wide convention of :mod:`taskbalance.auxiliary.roles`).
+
     ``normalize``: ``None`` (default: ``w_m = 1``), ``"sum_to_K"`` or ``"sum_to_1"`` rescale the weights of
     the present tasks. The shared update is ``Σ_k w_k g_k``; heads get ``w_k ∇L_k`` (``scale_heads = True``,
     §5.2 step 5). ``record.extras["gain"]`` holds ``δ`` (first order: ``⟨g_m, g_k⟩``, i.e. per unit ``η``).
@@ -75,7 +79,8 @@ class HydaLearn(GradientBalancer):
         self,
         tasks: Sequence[str],
         *,
-        main: str,
+        main: str | None = None,
+        targets: Sequence[str] | None = None,
         mode: Mode = "first_order",
         lookahead_lr: float | None = None,
         clip_negative: bool = True,
@@ -84,8 +89,7 @@ class HydaLearn(GradientBalancer):
         on_nonfinite: NonFinitePolicy = "raise",
     ) -> None:
         super().__init__(tasks, gradients=gradients, on_nonfinite=on_nonfinite)
-        if main not in self.tasks:
-            raise ValueError(f"hydalearn: main task {main!r} is not one of {list(self.tasks)}")
+        roles = resolve_roles(self.tasks, targets=targets, main=main, method="hydalearn", single_target=True)
         if mode not in ("first_order", "exact"):
             raise ValueError(f"mode must be 'first_order' or 'exact', got {mode!r}")
         if mode == "exact":
@@ -102,8 +106,8 @@ class HydaLearn(GradientBalancer):
             raise ValueError(f"lookahead_lr must be > 0, got {lookahead_lr}")
         if normalize not in (None, "sum_to_K", "sum_to_1"):
             raise ValueError(f"normalize must be None, 'sum_to_K' or 'sum_to_1', got {normalize!r}")
-        self.main = main
-        self.main_index = self.tasks.index(main)
+        self.main = roles.targets[0]
+        self.main_index = roles.target_index[0]
         self.mode: Mode = mode
         self.lookahead_lr = lookahead_lr
         self.clip_negative = clip_negative
