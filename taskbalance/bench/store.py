@@ -1,0 +1,252 @@
+"""The results store: one SQLite file per study, one row per run, idempotent and resumable.
+
+Layout (``DIR/results.sqlite``):
+
+* ``runs`` — one row per (dataset, protocol hash, method, hyperparameters JSON, seed) (a UNIQUE key):
+  status (``running`` / ``done`` / ``failed``), label, protocol (JSON), task specs (JSON), test and validation
+  metrics (JSON), selected epoch, ms/step, peak memory, steps, wall time, package version, git revision,
+  timestamps, error text, number of attempts.
+* ``curves`` — per run, named JSON curves: ``history`` (per-epoch losses, validation metrics, mean weights),
+  ``weights`` (the balancer's weights, epochs × steps × tasks), so reports plot them without re-running.
+
+Durability: WAL journal, ``synchronous=FULL``, and every state change is one transaction. A study killed at
+any point (even SIGKILL) leaves finished runs intact; rows still ``running`` are simply re-run on restart,
+updating the same row (never a duplicate). One writer: the driver process; workers only return results.
+All SQL is parameterised.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import sqlite3
+import subprocess
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from .runner import RunResult, RunSpec
+
+__all__ = ["ResultsStore", "git_revision", "STORE_NAME"]
+
+STORE_NAME = "results.sqlite"
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    id INTEGER PRIMARY KEY,
+    dataset TEXT NOT NULL,
+    protocol_hash TEXT NOT NULL,
+    method TEXT NOT NULL,
+    hyperparameters TEXT NOT NULL,
+    seed INTEGER NOT NULL,
+    label TEXT NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('running', 'done', 'failed')),
+    protocol TEXT NOT NULL,
+    tasks TEXT,
+    metrics TEXT,
+    val_metrics TEXT,
+    selected_epoch INTEGER,
+    ms_per_step REAL,
+    peak_memory_mb REAL,
+    steps INTEGER,
+    wall_seconds REAL,
+    package_version TEXT,
+    git_revision TEXT,
+    started_at TEXT,
+    finished_at TEXT,
+    error TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    UNIQUE (dataset, protocol_hash, method, hyperparameters, seed)
+);
+CREATE TABLE IF NOT EXISTS curves (
+    run_id INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+    name TEXT NOT NULL,
+    data TEXT NOT NULL,
+    PRIMARY KEY (run_id, name)
+);
+"""
+_JSON_COLUMNS = ("protocol", "tasks", "metrics", "val_metrics")
+
+
+def git_revision() -> str | None:
+    """The git commit of the installed package's checkout, if it is one (else ``None``)."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+class ResultsStore:
+    """A study's SQLite results file.
+
+    Args:
+        path: a directory (the file is ``path/results.sqlite``) or a ``.sqlite`` file path.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        target = Path(path)
+        if target.suffix not in (".sqlite", ".db"):
+            target = target / STORE_NAME
+        target.parent.mkdir(parents=True, exist_ok=True)
+        self.path = target
+        self._db = sqlite3.connect(target, timeout=30.0, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.executescript(_SCHEMA)
+        from .. import __version__
+
+        self.package_version = __version__
+        self.git_revision = git_revision()
+
+    # ------------------------------------------------------------------ lifecycle
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> ResultsStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    # ------------------------------------------------------------------ writing (driver only)
+    def pending(self, specs: Sequence[RunSpec]) -> list[RunSpec]:
+        """The specs without a finished (``done``) row, in the given order, duplicates removed."""
+        done = self.done_keys()
+        seen: set[tuple[Any, ...]] = set()
+        todo = []
+        for spec in specs:
+            if spec.key not in done and spec.key not in seen:
+                todo.append(spec)
+                seen.add(spec.key)
+        return todo
+
+    def mark_running(self, spec: RunSpec) -> None:
+        """Insert the run as ``running`` (or flip an unfinished row back); ``done`` rows are left alone."""
+        with self._transaction() as db:
+            db.execute(
+                """INSERT INTO runs (dataset, protocol_hash, method, hyperparameters, seed, label, status,
+                                     protocol,
+                                     package_version, git_revision, started_at, attempts)
+                   VALUES (?, ?, ?, ?, ?, ?, 'running', ?, ?, ?, ?, 1)
+                   ON CONFLICT (dataset, protocol_hash, method, hyperparameters, seed) DO UPDATE SET
+                       status = 'running', label = excluded.label, started_at = excluded.started_at,
+                       attempts = runs.attempts + 1, error = NULL
+                   WHERE runs.status != 'done'""",
+                (
+                    *spec.key,
+                    spec.display,
+                    json.dumps(spec.protocol, sort_keys=True),
+                    self.package_version,
+                    self.git_revision,
+                    _now(),
+                ),
+            )
+
+    def record(self, result: RunResult) -> None:
+        """Write a finished (done or failed) run and its curves in one transaction."""
+        spec = result.spec
+        with self._transaction() as db:
+            db.execute(
+                """INSERT INTO runs (dataset, protocol_hash, method, hyperparameters, seed, label, status,
+                                     protocol,
+                                     attempts)
+                   VALUES (?, ?, ?, ?, ?, ?, 'running', ?, 1)
+                   ON CONFLICT (dataset, protocol_hash, method, hyperparameters, seed) DO NOTHING""",
+                (*spec.key, spec.display, json.dumps(spec.protocol, sort_keys=True)),
+            )
+            row = db.execute(
+                """SELECT id, status FROM runs WHERE dataset = ? AND protocol_hash = ? AND method = ?
+                   AND hyperparameters = ? AND seed = ?""",
+                spec.key,
+            ).fetchone()
+            if row["status"] == "done":
+                return  # a finished run is never overwritten
+            db.execute(
+                """UPDATE runs SET status = ?, label = ?, tasks = ?, metrics = ?, val_metrics = ?,
+                       selected_epoch = ?, ms_per_step = ?, peak_memory_mb = ?, steps = ?, wall_seconds = ?,
+                       package_version = ?, git_revision = ?, started_at = ?, finished_at = ?, error = ?
+                   WHERE id = ?""",
+                (
+                    result.status,
+                    spec.display,
+                    json.dumps(result.tasks),
+                    json.dumps(result.metrics),
+                    json.dumps(result.val_metrics),
+                    result.selected_epoch,
+                    result.ms_per_step,
+                    result.peak_memory_mb,
+                    result.steps,
+                    result.wall_seconds,
+                    self.package_version,
+                    self.git_revision,
+                    result.started_at,
+                    result.finished_at,
+                    result.error,
+                    row["id"],
+                ),
+            )
+            db.execute("DELETE FROM curves WHERE run_id = ?", (row["id"],))
+            if result.status == "done":
+                db.executemany(
+                    "INSERT INTO curves (run_id, name, data) VALUES (?, ?, ?)",
+                    [
+                        (row["id"], "history", json.dumps(result.history)),
+                        (row["id"], "weights", json.dumps(result.weights)),
+                    ],
+                )
+
+    # ------------------------------------------------------------------ reading
+    def done_keys(self) -> set[tuple[str, str, str, str, int]]:
+        rows = self._db.execute(
+            "SELECT dataset, protocol_hash, method, hyperparameters, seed FROM runs WHERE status = 'done'"
+        ).fetchall()
+        return {tuple(r) for r in rows}  # type: ignore[misc]
+
+    def runs(
+        self, *, status: str | None = None, dataset: str | None = None, protocol_hash: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Rows as dicts, JSON columns decoded (``hyperparameters`` too), ordered by id."""
+        clauses, params = [], []
+        for column, value in (("status", status), ("dataset", dataset), ("protocol_hash", protocol_hash)):
+            if value is not None:
+                clauses.append(f"{column} = ?")  # column names are fixed literals above
+                params.append(value)
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        rows = self._db.execute(f"SELECT * FROM runs {where} ORDER BY id", params).fetchall()
+        out = []
+        for row in rows:
+            item = dict(row)
+            for column in (*_JSON_COLUMNS, "hyperparameters"):
+                if item[column] is not None:
+                    item[column] = json.loads(item[column])
+            out.append(item)
+        return out
+
+    def curves(self, run_id: int) -> dict[str, Any]:
+        """``{name: decoded JSON}`` of one run's curves (``history``, ``weights``)."""
+        rows = self._db.execute("SELECT name, data FROM curves WHERE run_id = ?", (run_id,)).fetchall()
+        return {r["name"]: json.loads(r["data"]) for r in rows}

@@ -1,0 +1,243 @@
+"""A study: plan the runs (single-task baselines + methods × seeds), run what is missing, summarise.
+
+::
+
+    study = Study.from_suite(get_suite("quick"))
+    with ResultsStore("runs/quick") as store:
+        run_study(study.specs(), store, make_executor(workers=2))
+        summary = summarize(store, study.specs())
+
+The driver process is the store's only writer. Runs already ``done`` in the store are skipped, so re-running a
+study (after a crash, or with more methods) only trains what is missing; single-task baselines are shared by
+every method of the study and reused by any later study on the same store under the same protocol.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..diagnostics.transfer import DELTA_M_CONVENTION, TransferSummary, compare_to_baselines
+from ..train.config import TrainConfig
+from .executor import Executor
+from .runner import STL, RunResult, RunSpec
+from .store import ResultsStore
+from .suites import MethodEntry, Suite
+
+__all__ = ["Study", "run_study", "summarize", "StudySummary", "MethodSummary", "TaskInfo"]
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """A task as recorded in the store (enough to score it)."""
+
+    name: str
+    metric: str
+    higher_is_better: bool
+    role: str = "target"
+    unit: str = ""
+
+
+@dataclass
+class Study:
+    """What to run. ``tasks`` (names and roles) is needed to plan the single-task baselines."""
+
+    dataset: str
+    methods: list[MethodEntry]
+    seeds: list[int]
+    tasks: list[TaskInfo]
+    dataset_options: dict[str, Any] = field(default_factory=dict)
+    arch: str = "auto"
+    model_options: dict[str, Any] = field(default_factory=dict)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    baselines: bool = True
+    targets_only: bool = True
+    checkpoint_dir: str | None = None
+    data_fingerprint: str = ""
+
+    @classmethod
+    def from_suite(cls, suite: Suite, tasks: Sequence[Any], **overrides: Any) -> Study:
+        """A study from a suite; ``tasks`` are the dataset's tasks (``data.tasks``)."""
+        values: dict[str, Any] = {
+            "dataset": suite.dataset,
+            "methods": list(suite.methods),
+            "seeds": list(range(suite.seeds)),
+            "tasks": [task_info(t) for t in tasks],
+            "dataset_options": dict(suite.dataset_options),
+            "arch": suite.arch,
+            "model_options": dict(suite.model_options),
+            "train": suite.train,
+            "baselines": suite.baselines,
+        }
+        values.update(overrides)
+        return cls(**values)
+
+    def _spec(self, method: str, label: str, hyperparameters: dict[str, Any], seed: int) -> RunSpec:
+        return RunSpec(
+            dataset=self.dataset,
+            method=method,
+            seed=seed,
+            hyperparameters=hyperparameters,
+            label=label,
+            dataset_options=self.dataset_options,
+            arch=self.arch,
+            model_options=self.model_options,
+            train=self.train.to_dict(),
+            checkpoint_dir=self.checkpoint_dir,
+            data_fingerprint=self.data_fingerprint,
+        )
+
+    def specs(self) -> list[RunSpec]:
+        """Baselines first (every other run is compared with them), then methods, seed by seed."""
+        out: list[RunSpec] = []
+        if self.baselines:
+            scored = [t for t in self.tasks if t.role == "target" or not self.targets_only]
+            for seed in self.seeds:
+                out += [self._spec(STL, f"stl:{t.name}", {"task": t.name}, seed) for t in scored]
+        for seed in self.seeds:
+            out += [self._spec(m.method, m.label, dict(m.hyperparameters), seed) for m in self.methods]
+        return out
+
+
+def task_info(task: Any) -> TaskInfo:
+    return TaskInfo(task.name, task.metric, bool(task.higher_is_better), task.role, getattr(task, "unit", ""))
+
+
+def run_study(
+    specs: Sequence[RunSpec],
+    store: ResultsStore,
+    executor: Executor,
+    *,
+    on_result: Callable[[RunResult, int, int], None] | None = None,
+) -> tuple[int, int]:
+    """Run the specs not yet ``done`` in ``store``; record each result as it arrives.
+
+    Returns ``(runs executed now, runs skipped because already done)``. ``on_result(result, i, n)`` is called
+    after each result is stored (for progress display).
+    """
+    pending = store.pending(specs)
+    skipped = len({s.key for s in specs}) - len(pending)
+    for spec in pending:
+        store.mark_running(spec)
+    for i, result in enumerate(executor.map(pending), start=1):
+        store.record(result)
+        if on_result is not None:
+            on_result(result, i, len(pending))
+    return len(pending), skipped
+
+
+def _mean(values: Sequence[float]) -> float:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else math.nan
+
+
+def _std(values: Sequence[float]) -> float:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    if len(finite) < 2:
+        return math.nan
+    mean = sum(finite) / len(finite)
+    return math.sqrt(sum((v - mean) ** 2 for v in finite) / (len(finite) - 1))
+
+
+@dataclass
+class MethodSummary:
+    """One method variant over its seeds."""
+
+    label: str
+    method: str
+    seeds: int
+    metric_mean: dict[str, float]
+    metric_std: dict[str, float]
+    ms_per_step: float
+    peak_memory_mb: float
+    transfer: TransferSummary | None = None
+
+
+@dataclass
+class StudySummary:
+    """Everything the end-of-study table shows."""
+
+    tasks: list[TaskInfo]
+    baseline: MethodSummary | None
+    methods: list[MethodSummary]
+    failed: list[dict[str, Any]] = field(default_factory=list)
+    unfinished: int = 0
+    convention: str = DELTA_M_CONVENTION
+
+
+def _summarise_rows(label: str, method: str, rows: list[dict[str, Any]], names: list[str]) -> MethodSummary:
+    return MethodSummary(
+        label=label,
+        method=method,
+        seeds=len(rows),
+        metric_mean={n: _mean([r["metrics"].get(n, math.nan) for r in rows]) for n in names},
+        metric_std={n: _std([r["metrics"].get(n, math.nan) for r in rows]) for n in names},
+        ms_per_step=_mean([r["ms_per_step"] for r in rows]),
+        peak_memory_mb=max((r["peak_memory_mb"] or math.nan for r in rows), default=math.nan),
+    )
+
+
+def summarize(
+    store: ResultsStore, specs: Sequence[RunSpec], *, targets_only: bool = True, alpha: float = 0.05
+) -> StudySummary:
+    """Per-method metric mean ± std, Δm and verdicts against the study's single-task baselines, cost.
+
+    Only rows matching ``specs`` (same protocol) are read. Baselines are the ``stl`` runs of each task.
+    """
+    keys = {s.key: s for s in specs}
+    rows = [
+        r
+        for r in store.runs()
+        if (r["dataset"], r["protocol_hash"], r["method"], _canonical(r["hyperparameters"]), r["seed"])
+        in keys
+    ]
+    done = [r for r in rows if r["status"] == "done"]
+    failed = [r for r in rows if r["status"] == "failed"]
+    unfinished = len(keys) - len(done) - len(failed)
+    tasks = [
+        TaskInfo(t["name"], t["metric"], t["higher_is_better"], t["role"], t.get("unit", ""))
+        for t in (done[0]["tasks"] if done else [])
+    ]
+    names = [t.name for t in tasks]
+    stl_rows = [r for r in done if r["method"] == STL]
+    baselines: dict[str, list[float]] = {}
+    for row in stl_rows:
+        task = row["hyperparameters"]["task"]
+        baselines.setdefault(task, []).append(row["metrics"][task])
+    baseline = None
+    if stl_rows:
+        baseline = MethodSummary(
+            label="single-task",
+            method=STL,
+            seeds=len(stl_rows) // max(1, len(baselines)),
+            metric_mean={n: _mean(baselines.get(n, [])) for n in names},
+            metric_std={n: _std(baselines.get(n, [])) for n in names},
+            ms_per_step=_mean([r["ms_per_step"] for r in stl_rows]),
+            peak_memory_mb=max((r["peak_memory_mb"] or math.nan for r in stl_rows), default=math.nan),
+        )
+    by_label: dict[str, list[dict[str, Any]]] = {}
+    for row in done:
+        if row["method"] != STL:
+            by_label.setdefault(row["label"], []).append(row)
+    order = list(dict.fromkeys(s.display for s in specs if s.method != STL))
+    methods = []
+    for label in order:
+        group = by_label.get(label)
+        if not group:
+            continue
+        item = _summarise_rows(label, group[0]["method"], group, names)
+        scored = [t for t in tasks if t.role == "target" or not targets_only]
+        if scored and all(baselines.get(t.name) for t in scored):
+            item.transfer = compare_to_baselines(
+                [r["metrics"] for r in group], baselines, tasks, targets_only=targets_only, alpha=alpha
+            )
+        methods.append(item)
+    return StudySummary(tasks, baseline, methods, failed, unfinished)
+
+
+def _canonical(value: dict[str, Any]) -> str:
+    import json
+
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))

@@ -1,0 +1,107 @@
+"""The end-of-study tables (``rich``): metrics ± std, Δm, cost; and per-task transfer verdicts."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from .study import MethodSummary, StudySummary
+
+__all__ = ["render_summary", "VERDICT_MARKS"]
+
+VERDICT_MARKS = {
+    "negative transfer": "NEG",
+    "positive transfer": "pos",
+    "no significant difference": "n.s.",
+    "insufficient seeds": "?",
+}
+
+
+def _fmt(value: float, digits: int = 4) -> str:
+    if value is None or not math.isfinite(value):
+        return "–"
+    magnitude = abs(value)
+    if magnitude >= 1000:
+        return f"{value:.0f}"
+    if magnitude >= 10:
+        return f"{value:.2f}"
+    return f"{value:.{digits}g}"
+
+
+def _pm(mean: float, std: float) -> str:
+    return _fmt(mean) if not math.isfinite(std) else f"{_fmt(mean)} ± {_fmt(std, 2)}"
+
+
+def _metric_row(item: MethodSummary, names: list[str]) -> list[str]:
+    cells = [item.label, str(item.seeds)]
+    cells += [_pm(item.metric_mean[n], item.metric_std[n]) for n in names]
+    if item.transfer is not None:
+        cells.append(_pm(item.transfer.delta_m, item.transfer.delta_m_std))
+    else:
+        cells.append("0 (ref)" if item.method == "stl" else "–")
+    cells.append(_fmt(item.ms_per_step, 3))
+    return cells
+
+
+def render_summary(summary: StudySummary, console: Any, *, title: str = "") -> None:
+    """Print the study's summary on a ``rich`` console."""
+    from rich.table import Table
+
+    names = [t.name for t in summary.tasks]
+    metrics = Table(title=title or "Test metrics of the validation-selected epoch (mean ± std over seeds)")
+    metrics.add_column("method", style="bold")
+    metrics.add_column("seeds", justify="right")
+    for task in summary.tasks:
+        arrow = "↑" if task.higher_is_better else "↓"
+        unit = f" [{task.unit}]" if task.unit else ""
+        aux = " (aux)" if task.role == "auxiliary" else ""
+        metrics.add_column(f"{task.name}{aux}\n{task.metric}{unit} {arrow}", justify="right")
+    metrics.add_column("Δm% ↓", justify="right")
+    metrics.add_column("ms/step", justify="right")
+    if summary.baseline is not None:
+        metrics.add_row(*_metric_row(summary.baseline, names))
+    for item in summary.methods:
+        metrics.add_row(*_metric_row(item, names))
+    console.print(metrics)
+    console.print(summary.convention)
+
+    scored = [m for m in summary.methods if m.transfer is not None]
+    if scored:
+        verdicts = Table(title="Transfer vs single-task per task: relative change % (↓ better) and verdict")
+        verdicts.add_column("method", style="bold")
+        shown = [
+            t for t in summary.tasks if any(m.transfer and m.transfer.tasks[t.name].verdict for m in scored)
+        ]
+        for task in shown:
+            verdicts.add_column(task.name, justify="right")
+        verdicts.add_column("NEG / n.s. / pos", justify="right")
+        for item in scored:
+            assert item.transfer is not None
+            cells = [item.label]
+            for task in shown:
+                entry = item.transfer.tasks[task.name]
+                mark = VERDICT_MARKS.get(entry.verdict or "", "")
+                cells.append(f"{_fmt(entry.relative_change, 3)} {mark}")
+            counts = item.transfer.verdict_counts()
+            cells.append(
+                f"{counts.get('negative transfer', 0)} / {counts.get('no significant difference', 0)} / "
+                f"{counts.get('positive transfer', 0)}"
+            )
+            verdicts.add_row(*cells)
+        console.print(verdicts)
+        console.print(
+            "Verdicts: Welch's t-test per task, method seeds vs single-task seeds, two-sided 95% — "
+            "NEG = negative transfer (significantly worse than single-task), pos = positive transfer, "
+            "n.s. = no significant difference, ? = fewer than 2 seeds."
+        )
+    elif summary.methods:
+        console.print("No single-task baselines in this study: Δm and verdicts are not available.")
+    if summary.failed:
+        console.print(f"[red]{len(summary.failed)} run(s) failed:[/red]")
+        for row in summary.failed:
+            last = (row.get("error") or "").strip().splitlines()[-1:] or ["?"]
+            console.print(f"  {row['label']} seed {row['seed']}: {last[0]}")
+    if summary.unfinished:
+        console.print(
+            f"{summary.unfinished} run(s) not finished; run the same command again to complete them."
+        )
