@@ -32,9 +32,9 @@ class FAMO(LossBalancer):
 
         L_tot = c · Σ_k z_k log ℓ_k,        c = sg( (Σ_k z_k / ℓ_k)^{-1} )
 
-    so the model gradient is ``Σ_k w_k ∇L_k`` with ``w_k = c z_k / ℓ_k`` (a convex combination of the
-    gradients of ``log L_k``). **After** ``optimizer.step()``, re-evaluate the losses on the **same batch**
-    under ``torch.no_grad()`` and call ``balancer.after_step(losses)``: with
+    so the model gradient is ``Σ_k w_k ∇L_k`` with ``w_k = c z_k / ℓ_k``: a convex combination of the task
+    gradients (the weights sum to 1). **After** ``optimizer.step()``, re-evaluate the losses on the **same
+    batch** under ``torch.no_grad()`` and call ``balancer.after_step(losses)``: with
     ``δ_k = log ℓ_k(before) − log ℓ_k(after)`` the logits take one step of the internal optimiser on the
     gradient ``J_softmax(ξ)ᵀ δ`` with weight decay ``gamma``.
 
