@@ -40,7 +40,9 @@ def check_transform(
         if not isinstance(values, Tensor) or values.shape != grid.shape:
             raise ValueError("transform must map a tensor of losses elementwise to a same-shape tensor")
         (first,) = torch.autograd.grad(values.sum(), grid, create_graph=True)
-        (second,) = torch.autograd.grad(first.sum(), grid, allow_unused=True)
+        second = None
+        if first.requires_grad:  # an affine h has a constant derivative and no second-order graph
+            (second,) = torch.autograd.grad(first.sum(), grid, allow_unused=True)
     second = torch.zeros_like(first) if second is None else second
     for name, tensor in (("h", values), ("h'", first), ("h''", second)):
         if not bool(torch.isfinite(tensor).all()):
