@@ -13,10 +13,11 @@ gradient, like the heads. ``shared=model.trunk.parameters()`` also works but put
 into the per-task gradients, where they are zero for every other task; that inflates gradient norms with
 task-specific directions and changes what norm- or angle-based methods see.
 
-``forward`` returns ``(features, predictions)`` with ``features`` the per-task gated mixtures, ``(B, K, D)``
-in task order. Their per-task gradients are block-separated (task ``k`` reads only ``features[:, k]``), so
-feature-level methods (``gradients="features"``) would see orthogonal gradients; use the expert outputs
-instead, from :meth:`MMoE.forward_with_experts`::
+``forward`` returns ``(features, predictions)`` with ``features`` the per-task gated mixtures stacked as
+``(B, K, D)`` in task order, for inspection and logging. Each head reads its own task's mixture (so task
+``k``'s loss reaches gate ``k`` only); the per-task gradients w.r.t. the mixtures would be block-separated
+anyway, so feature-level methods (``gradients="features"``) take the expert outputs instead, from
+:meth:`MMoE.forward_with_experts`::
 
     mixtures, experts, predictions = model.forward_with_experts(x)
     balancer.backward(losses, shared=model.shared_parameters(), features=experts)
@@ -51,7 +52,7 @@ class _Experts(nn.Module):
 
 
 class _Gates(nn.Module):
-    """One linear softmax gate per task, applied as a single batched product; output ``(B, K, E)``."""
+    """One linear softmax gate per task (``gates[task]``); see :meth:`MMoE.forward_with_experts`."""
 
     def __init__(self, task_names: Sequence[str], in_features: int, num_experts: int) -> None:
         super().__init__()
@@ -59,9 +60,8 @@ class _Gates(nn.Module):
         self.order = list(task_names)
 
     def forward(self, x: Tensor) -> Tensor:
-        weight = torch.stack([self.gates[n].weight for n in self.order])  # (K, E, d)
-        bias = torch.stack([self.gates[n].bias for n in self.order])  # (K, E)
-        return torch.softmax(torch.einsum("bd,ked->bke", x, weight) + bias, dim=-1)
+        """All gate values ``(B, K, E)`` (for inspection; training reads each task's gate separately)."""
+        return torch.stack([torch.softmax(self.gates[n](x), dim=-1) for n in self.order], dim=1)
 
 
 class MMoE(MultiTaskModel):
@@ -103,16 +103,23 @@ class MMoE(MultiTaskModel):
         yield from self.heads.parameters()
 
     def forward_with_experts(self, x: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        """``(mixtures (B, K, D), expert outputs (B, E, D), predictions)``."""
+        """``(mixtures (B, K, D), expert outputs (B, E, D), predictions)``.
+
+        Each head reads its own task's mixture computed from its own gate, so task ``k``'s loss reaches gate
+        ``k`` only (a stacked gate tensor would make every gate part of every task's graph).
+        """
         flat = x.flatten(1)
         experts = self.trunk["experts"](flat)
-        gates = self.trunk["gates"](flat)
-        mixtures = torch.einsum("bke,bed->bkd", gates, experts)
+        gates = self.trunk["gates"].gates
+        mixtures: list[Tensor] = []
         predictions: dict[str, Tensor] = {}
-        for k, task in enumerate(self.tasks):
-            prediction = self.heads[task.name](mixtures[:, k])
+        for task in self.tasks:
+            weights = torch.softmax(gates[task.name](flat), dim=-1)  # (B, E)
+            mixture = torch.einsum("be,bed->bd", weights, experts)
+            prediction = self.heads[task.name](mixture)
             predictions[task.name] = prediction.squeeze(-1) if task.output_size == 1 else prediction
-        return mixtures, experts, predictions
+            mixtures.append(mixture)
+        return torch.stack(mixtures, dim=1), experts, predictions
 
     def forward(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         mixtures, _, predictions = self.forward_with_experts(x)
