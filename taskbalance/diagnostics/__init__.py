@@ -1,5 +1,32 @@
-"""Diagnostics: negative transfer against single-task baselines (Δm, per-task verdicts)."""
+"""Diagnostics: negative transfer against single-task baselines (Δm, per-task verdicts), gradient conflict
+(:class:`ConflictMonitor`), lookahead task affinity and groupings (:class:`TaskAffinity`), and the histories a
+run persists (:class:`ConflictHistory`, :class:`WeightTrajectory`).
 
+The ``diagnose`` command lives in :mod:`taskbalance.diagnostics.cli_diagnose` (it needs typer) and is not
+imported here.
+"""
+
+from .affinity import (
+    AffinityResult,
+    Grouping,
+    TaskAffinity,
+    best_partition,
+    compute_task_affinity,
+    grouping_score,
+    plot_affinity,
+    suggest_groupings,
+)
+from .conflict import (
+    ConflictHistory,
+    ConflictMonitor,
+    ConflictStats,
+    ConflictSummary,
+    WeightTrajectory,
+    conflict_rate,
+    conflict_statistics,
+    cosine_similarity_matrix,
+    gradient_magnitude_similarity,
+)
 from .transfer import (
     DELTA_M_CONVENTION,
     TaskTransfer,
@@ -14,6 +41,23 @@ from .transfer import (
 )
 
 __all__ = [
+    "AffinityResult",
+    "ConflictHistory",
+    "ConflictMonitor",
+    "ConflictStats",
+    "ConflictSummary",
+    "Grouping",
+    "TaskAffinity",
+    "WeightTrajectory",
+    "best_partition",
+    "compute_task_affinity",
+    "conflict_rate",
+    "conflict_statistics",
+    "cosine_similarity_matrix",
+    "gradient_magnitude_similarity",
+    "grouping_score",
+    "plot_affinity",
+    "suggest_groupings",
     "DELTA_M_CONVENTION",
     "TaskTransfer",
     "TransferSummary",
