@@ -150,11 +150,11 @@ def load_multi_fashion(
     parts: list[tuple[Tensor, Tensor, Tensor]] = []
     for part, size in (("train", train_size), ("test", test_size)):
         keep = _subset(len(arrays[f"{part}_images"]), size, g)
-        images = torch.from_numpy(np.array(arrays[f"{part}_images"], dtype=np.float32))[keep] / 255.0
-        labels = torch.from_numpy(np.array(arrays[f"{part}_labels"], dtype=np.int64))[keep]
+        pixels = torch.from_numpy(np.array(arrays[f"{part}_images"], dtype=np.float32))[keep] / 255.0
+        classes = torch.from_numpy(np.array(arrays[f"{part}_labels"], dtype=np.int64))[keep]
         # partners are drawn within a split, so no test image is ever paired into a training example
-        partners = torch.randint(len(images), (len(images),), generator=g)
-        parts.append((overlay_pairs(images, partners, resize=resize), labels, labels[partners]))
+        partners = torch.randint(len(pixels), (len(pixels),), generator=g)
+        parts.append((overlay_pairs(pixels, partners, resize=resize), classes, classes[partners]))
     (x_train, left_train, right_train), (x_test, left_test, right_test) = parts
     n_train_all = len(x_train)
     n_val = int(round(val_fraction * n_train_all))

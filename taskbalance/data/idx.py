@@ -15,7 +15,7 @@ import numpy as np
 
 __all__ = ["read_idx", "write_idx"]
 
-_TYPES = {
+_TYPES: dict[int, np.dtype] = {
     0x08: np.dtype(">u1"),
     0x09: np.dtype(">i1"),
     0x0B: np.dtype(">i2"),
@@ -23,7 +23,7 @@ _TYPES = {
     0x0D: np.dtype(">f4"),
     0x0E: np.dtype(">f8"),
 }
-_CODES = {np.dtype(v).newbyteorder("="): k for k, v in _TYPES.items()}
+_CODES: dict[np.dtype, int] = {v.newbyteorder("="): k for k, v in _TYPES.items()}
 
 
 def _open(path: Path) -> bytes:

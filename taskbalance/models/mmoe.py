@@ -83,7 +83,7 @@ class MMoE(MultiTaskModel):
         if expert_size < 1:
             raise ValueError(f"expert_size must be >= 1, got {expert_size}")
         names = [t.name for t in tasks]
-        trunk = nn.ModuleDict(
+        trunk: nn.ModuleDict = nn.ModuleDict(
             {
                 "experts": _Experts(in_features, num_experts, expert_hidden, expert_size, act),
                 "gates": _Gates(names, in_features, num_experts),
@@ -93,13 +93,25 @@ class MMoE(MultiTaskModel):
         super().__init__(tasks, trunk, heads, expert_size)
         self.num_experts = int(num_experts)
 
+    @property
+    def _experts(self) -> _Experts:
+        experts = self.trunk.get_submodule("experts")
+        assert isinstance(experts, _Experts)
+        return experts
+
+    @property
+    def _gates(self) -> _Gates:
+        gates = self.trunk.get_submodule("gates")
+        assert isinstance(gates, _Gates)
+        return gates
+
     def shared_parameters(self) -> Iterator[nn.Parameter]:
         """The experts' parameters: the only part every task reads."""
-        return self.trunk["experts"].parameters()
+        return self._experts.parameters()
 
     def task_parameters(self) -> Iterator[nn.Parameter]:
         """Gates and heads: each read by one task only."""
-        yield from self.trunk["gates"].parameters()
+        yield from self._gates.parameters()
         yield from self.heads.parameters()
 
     def forward_with_experts(self, x: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
@@ -109,8 +121,8 @@ class MMoE(MultiTaskModel):
         ``k`` only (a stacked gate tensor would make every gate part of every task's graph).
         """
         flat = x.flatten(1)
-        experts = self.trunk["experts"](flat)
-        gates = self.trunk["gates"].gates
+        experts = self._experts(flat)
+        gates = self._gates.gates
         mixtures: list[Tensor] = []
         predictions: dict[str, Tensor] = {}
         for task in self.tasks:
