@@ -489,7 +489,8 @@ class ConflictMonitor(nn.Module):
     # ------------------------------------------------------------------ internals
     def _begin_step(self) -> bool:
         active = self.step_count % self.every == 0
-        self.step_count += 1
+        # plain attribute write: nn.Module.__setattr__ costs microseconds, which an inactive step should not
+        object.__setattr__(self, "step_count", self.step_count + 1)
         return active
 
     def _update(self, gramian: Tensor, index: Sequence[int]) -> ConflictStats:
