@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -172,11 +171,11 @@ def train_command(
     name, options, _ = _dataset_source(dataset, csv, target or [], _features(features))
     hyperparameters = _parse_hyperparameters(hp or [])
     _check_methods(method)
-    overrides = {
+    overrides: dict[str, Any] = {
         k: v for k, v in (("epochs", epochs), ("batch_size", batch_size), ("lr", lr)) if v is not None
     }
     try:
-        config = replace(TrainConfig(), **overrides)
+        config = TrainConfig.from_dict({**TrainConfig().to_dict(), **overrides})
     except ValueError as error:
         _fail(str(error))
     data = _load(name, options)
@@ -340,4 +339,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

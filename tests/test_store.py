@@ -106,11 +106,33 @@ def _snapshot(db_path: Path) -> dict[tuple, tuple]:
     return {(m, h, s): rest for m, h, s, *rest in rows}
 
 
+def _children(pid: int) -> set[int]:
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.add(int(entry.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
 def test_a_study_killed_with_sigkill_loses_no_finished_run_and_duplicates_none(tmp_path: Path):
+    """Kill the driver (not its workers) after its first finished run; restart; nothing lost or doubled."""
     out = tmp_path / "study"
     db_path = out / "results.sqlite"
     command = [sys.executable, "-m", "taskbalance.cli", "bench", "--suite", "quick", "--out", str(out),
-               "--workers", "1", "--epochs", "4"]
+               "--workers", "2", "--epochs", "4"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
                                start_new_session=True)
@@ -120,8 +142,18 @@ def test_a_study_killed_with_sigkill_loses_no_finished_run_and_duplicates_none(t
             assert process.poll() is None, process.stderr.read().decode()
             assert time.monotonic() < deadline, "no run finished in time"
             time.sleep(0.02)
+        workers = _children(process.pid)
+        os.kill(process.pid, signal.SIGKILL)  # the driver only: its pool workers must notice and leave
+        process.wait()
+        deadline = time.monotonic() + 30
+        while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert workers and not any(_alive(w) for w in workers), "orphaned workers kept running"
     finally:
-        os.killpg(process.pid, signal.SIGKILL)
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         process.wait()
         process.stderr.close()
     assert process.returncode == -signal.SIGKILL

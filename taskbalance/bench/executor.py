@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -49,11 +51,19 @@ class SerialExecutor(Executor):
             torch.set_num_threads(previous)
 
 
-def _init_worker() -> None:
+def _init_worker(parent: int) -> None:
     import torch
 
     torch.set_num_threads(1)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A worker whose driver died (e.g. SIGKILL) would wait on its task queue forever: leave instead."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
 
 
 class LocalProcessExecutor(Executor):
@@ -78,6 +88,7 @@ class LocalProcessExecutor(Executor):
             max_workers=min(self.workers, len(pending_specs)),
             mp_context=context,
             initializer=_init_worker,
+            initargs=(os.getpid(),),
             max_tasks_per_child=self.max_runs_per_worker,
         )
         futures: dict[Future[RunResult], RunSpec] = {}

@@ -192,6 +192,7 @@ def fit(
     missing_heads = [n for n in names if n not in heads]
     if missing_heads:
         raise ValueError(f"the model has no head for task(s) {missing_heads}")
+    trunk: nn.Module = model.trunk  # type: ignore[assignment]
     device = torch.device(device) if device is not None else _device_of(model)
     model.to(device)
     balancer.to(device)
@@ -248,7 +249,7 @@ def fit(
                 targets = {n: y[n].to(device) for n in present}
                 masks = {n: mask[n].to(device) for n in present}
                 losses = {n: by_name[n].loss(predictions[n], targets[n], masks[n]) for n in present}
-                record = balancer.backward(losses, shared=model.trunk.parameters(), features=features)
+                record = balancer.backward(losses, shared=trunk.parameters(), features=features)
                 optimizer.step()
                 if balancer.needs_post_step_losses:
                     with torch.no_grad():
