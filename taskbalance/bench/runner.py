@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
+import re
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
@@ -214,7 +215,8 @@ def execute(spec: RunSpec) -> RunResult:
         checkpoint = None
         if spec.checkpoint_dir:
             digest = protocol_hash(list(spec.key))
-            checkpoint = Path(spec.checkpoint_dir) / f"{spec.display}-s{spec.seed}-{digest}.pt"
+            stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", spec.display)
+            checkpoint = Path(spec.checkpoint_dir) / f"{stem}-s{spec.seed}-{digest}.pt"
         result = fit(
             model, data, balancer, config, seed=spec.seed, checkpoint=checkpoint, resume=True, progress=False
         )
