@@ -50,6 +50,12 @@ class DynamicWeightAverage(LossBalancer):
         on_nonfinite: see :class:`~taskbalance.Balancer`.
     """
 
+    epoch_loss_sum: Tensor
+    epoch_loss_count: Tensor
+    last_average: Tensor
+    previous_average: Tensor
+    epochs_seen: Tensor
+
     def __init__(
         self, tasks: Sequence[str], *, temperature: float = 2.0, on_nonfinite: NonFinitePolicy = "raise"
     ) -> None:

@@ -53,6 +53,9 @@ class EMALossWeighting(LossBalancer):
     and dividing by them starves those tasks — standardise targets first (see ``docs/``/QM9 notes).
     """
 
+    ema: Tensor
+    observations: Tensor
+
     def __init__(
         self,
         tasks: Sequence[str],

@@ -66,6 +66,13 @@ class FAMO(LossBalancer):
     takes_log_of_losses = True
     extra_state_fields = ("awaiting_post_step",)
     eps = 1e-8
+    min_losses: Tensor
+    logits: Tensor
+    adam_first_moment: Tensor
+    adam_second_moment: Tensor
+    adam_steps: Tensor
+    pre_step_log_losses: Tensor
+    pre_step_present: Tensor
 
     def __init__(
         self,

@@ -50,6 +50,9 @@ class SmoothTchebycheff(LossBalancer):
     """
 
     takes_log_of_losses = True
+    nadir_loss_sum: Tensor
+    nadir_loss_count: Tensor
+    nadir: Tensor
 
     def __init__(
         self,
