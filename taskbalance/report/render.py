@@ -1,0 +1,527 @@
+"""``DIR/report.md`` and a self-contained ``DIR/report.html`` (PNG plots inlined as base64 data URIs).
+
+The report is built once as a list of blocks (headings, notes, tables, images) and written twice: Markdown
+(images linked from ``DIR/plots/``) and HTML (inline ``<style>``, no external CSS, no JavaScript, images
+embedded so the file can be mailed or archived alone). All text placed in the HTML is escaped.
+
+What it shows, per study (dataset × protocol) in the store:
+
+* the summary table — per method: seeds, per-task test metric mean ± std (of the validation-selected epoch),
+  Δm% mean ± std and its 95% CI over seeds, verdict counts, ms/step, peak memory;
+* per-task relative change vs single-task with Welch verdicts (NEG = significant negative transfer);
+* plots — Δm with CIs, methods × tasks heatmap, weight trajectories, training/validation curves, cost vs Δm;
+* what is missing — failed or unfinished runs, single-seed methods (no CI), no baselines (no Δm), auxiliary
+  tasks (left out of Δm and verdicts).
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import html
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..bench.runner import RunSpec
+from ..bench.store import STORE_NAME, ResultsStore
+from ..bench.table import VERDICT_MARKS
+from .data import Section, load_sections, relative_change_matrix
+from .plots import (
+    plot_cost_vs_delta_m,
+    plot_curves,
+    plot_delta_m,
+    plot_transfer_heatmap,
+    plot_weight_trajectories,
+)
+
+__all__ = ["write_report", "ReportFiles", "REPORT_MD", "REPORT_HTML", "PLOTS_DIR"]
+
+REPORT_MD, REPORT_HTML, PLOTS_DIR = "report.md", "report.html", "plots"
+
+
+# ---------------------------------------------------------------------------------------------- blocks
+@dataclass
+class Heading:
+    level: int
+    text: str
+
+
+@dataclass
+class Note:
+    text: str
+    kind: str = "note"  # note | warning
+
+
+@dataclass
+class Cell:
+    text: str
+    css: str = ""  # neg | pos | ref
+
+
+@dataclass
+class Table:
+    headers: list[str]
+    rows: list[list[Cell]]
+
+
+@dataclass
+class Image:
+    title: str
+    path: Path | None
+    caption: str
+    reason: str = ""  # why there is no image
+
+
+@dataclass
+class Bullets:
+    items: list[str]
+
+
+Block = Heading | Note | Table | Image | Bullets
+
+
+@dataclass
+class ReportFiles:
+    """What :func:`write_report` wrote."""
+
+    markdown: Path
+    html: Path
+    plots: list[Path] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------- formatting
+def _fmt(value: float | None, digits: int = 4) -> str:
+    if value is None or not math.isfinite(value):
+        return "–"
+    magnitude = abs(value)
+    if magnitude >= 1000:
+        return f"{value:.0f}"
+    if magnitude >= 10:
+        return f"{value:.2f}"
+    return f"{value:.{digits}g}"
+
+
+def _pm(mean: float, std: float) -> str:
+    return _fmt(mean) if not math.isfinite(std) else f"{_fmt(mean)} ± {_fmt(std, 2)}"
+
+
+def _verdict_css(mark: str) -> str:
+    return {"NEG": "neg", "pos": "pos"}.get(mark, "")
+
+
+# ---------------------------------------------------------------------------------------------- content
+def _protocol_line(section: Section) -> str:
+    protocol = section.protocol or {}
+    train = protocol.get("train", {})
+    parts = [f"dataset {section.dataset}"]
+    if protocol.get("dataset_options"):
+        parts.append(f"options {protocol['dataset_options']}")
+    parts.append(f"model {protocol.get('arch', '?')}")
+    for key, name in (
+        ("epochs", "epochs"),
+        ("batch_size", "batch"),
+        ("lr", "lr"),
+        ("optimizer", "optimizer"),
+        ("scheduler", "schedule"),
+        ("selection", "model selection"),
+    ):
+        if key in train:
+            parts.append(f"{name} {train[key]}")
+    parts.append(f"protocol hash {section.protocol_hash}")
+    return "Protocol: " + ", ".join(parts) + "."
+
+
+def _summary_table(section: Section) -> Table:
+    level = round(section.level * 100)
+    headers = ["method", "seeds"]
+    for task in section.summary.tasks:
+        arrow = "↑" if task.higher_is_better else "↓"
+        unit = f" [{task.unit}]" if task.unit else ""
+        aux = " (aux)" if task.role == "auxiliary" else ""
+        headers.append(f"{task.name}{aux} {task.metric}{unit} {arrow}")
+    headers += ["Δm% ↓ (mean ± std)", f"Δm% {level}% CI", "NEG / n.s. / pos", "ms/step", "peak MB"]
+    names = section.task_names
+    rows: list[list[Cell]] = []
+    baseline = section.summary.baseline
+    if baseline is not None:
+        rows.append(
+            [Cell("single-task", "ref"), Cell(str(baseline.seeds))]
+            + [Cell(_pm(baseline.metric_mean[n], baseline.metric_std[n])) for n in names]
+            + [
+                Cell("0 (reference)"),
+                Cell("–"),
+                Cell("–"),
+                Cell(_fmt(baseline.ms_per_step, 3)),
+                Cell(_fmt(baseline.peak_memory_mb, 3)),
+            ]
+        )
+    for view in section.methods:
+        item = view.summary
+        cells = [Cell(item.label), Cell(str(item.seeds))]
+        cells += [Cell(_pm(item.metric_mean[n], item.metric_std[n])) for n in names]
+        if item.transfer is None:
+            cells += [Cell("unavailable"), Cell("–"), Cell("–")]
+        else:
+            css = "neg" if item.transfer.delta_m > 0 else "pos" if item.transfer.delta_m < 0 else ""
+            cells.append(Cell(_pm(item.transfer.delta_m, item.transfer.delta_m_std), css))
+            if view.has_ci:
+                cells.append(Cell(f"[{_fmt(view.ci_low, 3)}, {_fmt(view.ci_high, 3)}]"))
+            else:
+                cells.append(Cell(f"no CI ({item.transfer.seeds} seed)"))
+            counts = item.transfer.verdict_counts()
+            neg = counts.get("negative transfer", 0)
+            cells.append(
+                Cell(
+                    f"{neg} / {counts.get('no significant difference', 0)} / "
+                    f"{counts.get('positive transfer', 0)}"
+                    + (f" ({counts['insufficient seeds']} ?)" if counts.get("insufficient seeds") else ""),
+                    "neg" if neg else "",
+                )
+            )
+        cells += [Cell(_fmt(item.ms_per_step, 3)), Cell(_fmt(item.peak_memory_mb, 3))]
+        rows.append(cells)
+    return Table(headers, rows)
+
+
+def _transfer_table(section: Section) -> Table | None:
+    labels, tasks, values, marks = relative_change_matrix(section)
+    if not labels:
+        return None
+    rows = []
+    for label, row_values, row_marks in zip(labels, values, marks, strict=True):
+        cells = [Cell(label)]
+        for value, mark in zip(row_values, row_marks, strict=True):
+            text = "–" if not math.isfinite(value) else f"{value:+.2f}% {mark}".rstrip()
+            cells.append(Cell(text, _verdict_css(mark)))
+        rows.append(cells)
+    return Table(["method", *tasks], rows)
+
+
+def _notes(section: Section) -> list[Block]:
+    blocks: list[Block] = []
+    level = round(section.level * 100)
+    blocks.append(
+        Note(
+            "Δm% convention: lower is better; Δm is the mean over tasks of each task's relative change "
+            "(−1)^h (M − B) / B × 100 against the single-task baselines of the same protocol (same data, "
+            "model, training configuration and seeds; mean over baseline seeds), so 0 = as good as training "
+            "each task alone, positive = worse (negative transfer), negative = better. Metrics are test "
+            "metrics of the epoch selected on validation."
+        )
+    )
+    blocks.append(
+        Note(
+            f"Verdicts: Welch's t-test per task, method seeds vs single-task seeds, two-sided at "
+            f"{100 - level}% — NEG = significantly worse than single-task (negative transfer), pos = "
+            f"significantly better, n.s. = no significant difference, ? = fewer than 2 seeds on a side. "
+            f"CI: Student-t {level}% interval of the mean Δm over seeds."
+        )
+    )
+    if section.auxiliary_tasks and section.targets_only:
+        blocks.append(
+            Note(
+                f"Auxiliary-task study: Δm and verdicts are computed on the target tasks only "
+                f"({', '.join(section.scored_tasks)}); the auxiliary task(s) "
+                f"{', '.join(section.auxiliary_tasks)} have no baseline and no verdict.",
+                "warning",
+            )
+        )
+    if section.methods and not section.has_baselines:
+        blocks.append(
+            Note(
+                "No single-task baselines in this study (or not for every scored task): Δm and verdicts are "
+                "unavailable. Run `taskbalance bench` with baselines (the default) to get them.",
+                "warning",
+            )
+        )
+    single = [m.label for m in section.methods if m.summary.transfer is not None and m.summary.seeds < 2]
+    if single:
+        blocks.append(
+            Note(
+                f"One seed only for {', '.join(single)}: no confidence interval for Δm and no verdicts "
+                f"('?'); run more seeds to test for negative transfer.",
+                "warning",
+            )
+        )
+    baseline = section.summary.baseline
+    if baseline is not None and baseline.seeds < 2 and section.has_baselines:
+        blocks.append(Note("The single-task baselines have one seed: verdicts are '?'.", "warning"))
+    return blocks
+
+
+def _failures(section: Section) -> list[Block]:
+    blocks: list[Block] = []
+    if section.summary.failed:
+        items = []
+        for row in section.summary.failed:
+            last = (row.get("error") or "").strip().splitlines()[-1:] or ["(no error text)"]
+            items.append(f"{row['label']} seed {row['seed']}: {last[0]}")
+        blocks.append(Heading(3, f"Failed runs ({len(items)})"))
+        blocks.append(
+            Note("These runs are left out of every number above; their methods show fewer seeds.", "warning")
+        )
+        blocks.append(Bullets(items))
+    if section.summary.unfinished:
+        blocks.append(
+            Note(
+                f"{section.summary.unfinished} run(s) not finished (still running or interrupted): run the "
+                f"same `taskbalance bench` command again to complete them, then `taskbalance report` again.",
+                "warning",
+            )
+        )
+    return blocks
+
+
+_PLOTS: list[tuple[str, str, str, Callable[[Section, Path], Path | str]]] = [
+    (
+        "delta_m.png",
+        "Δm per method",
+        "Mean Δm% over seeds with its 95% Student-t confidence interval; dashed line: single-task (Δm = 0). "
+        "Red = worse than single-task on average, blue = better. Hollow points: one seed, no interval.",
+        plot_delta_m,
+    ),
+    (
+        "transfer_heatmap.png",
+        "Relative change vs single-task (methods × tasks)",
+        "Each cell: the task's relative change % of the method's mean metric vs the single-task mean "
+        "(positive = worse). Diverging colormap centred at 0: red = negative transfer, blue = positive; "
+        "the mark is the Welch verdict.",
+        plot_transfer_heatmap,
+    ),
+    (
+        "cost_vs_delta_m.png",
+        "Cost per step vs Δm",
+        "The trade-off to choose on: training time per step (x) against Δm% (y, with CI bars where there "
+        "are ≥ 2 seeds). Lower-left is better; dotted: the single-task runs' ms/step.",
+        plot_cost_vs_delta_m,
+    ),
+    (
+        "weights.png",
+        "Weight trajectories",
+        "The balancer's weight of each task at every training step, for one run (lowest seed) per method.",
+        plot_weight_trajectories,
+    ),
+    (
+        "train_curves.png",
+        "Training curves",
+        "Training loss per task and epoch, mean over seeds; dashed black: single-task baseline.",
+        lambda section, path: plot_curves(section, path, key="train_loss"),
+    ),
+    (
+        "val_curves.png",
+        "Validation curves",
+        "Validation metric per task and epoch (the model-selection signal), mean over seeds; dashed black: "
+        "single-task baseline.",
+        lambda section, path: plot_curves(section, path, key="val"),
+    ),
+]
+
+
+def _section_blocks(section: Section, plots_dir: Path, heading: str) -> tuple[list[Block], list[Path]]:
+    blocks: list[Block] = [Heading(2, heading), Note(_protocol_line(section))]
+    seeds = sorted({m.summary.seeds for m in section.methods})
+    blocks.append(
+        Note(
+            f"{section.runs} run(s) in this study: {len(section.methods)} method(s), seeds per method "
+            f"{', '.join(map(str, seeds)) or '–'}; {len(section.summary.failed)} failed, "
+            f"{section.summary.unfinished} unfinished."
+        )
+    )
+    blocks.append(Heading(3, "Summary"))
+    blocks.append(_summary_table(section))
+    blocks += _notes(section)
+    transfer = _transfer_table(section)
+    if transfer is not None:
+        blocks.append(Heading(3, "Per-task transfer: relative change % vs single-task (lower is better)"))
+        blocks.append(transfer)
+    blocks += _failures(section)
+    blocks.append(Heading(3, "Plots"))
+    written: list[Path] = []
+    for name, title, caption, draw in _PLOTS:
+        path = plots_dir / name
+        if path.exists():
+            path.unlink()  # never leave a stale plot from an earlier report next to this one
+        outcome = draw(section, path)
+        if isinstance(outcome, Path):
+            written.append(outcome)
+            blocks.append(Image(title, outcome, caption))
+        else:
+            blocks.append(Image(title, None, caption, reason=outcome))
+    return blocks, written
+
+
+# ---------------------------------------------------------------------------------------------- writers
+def _md_escape(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def to_markdown(blocks: Sequence[Block], base: Path) -> str:
+    """The blocks as Markdown; image paths relative to ``base`` (the report's directory)."""
+    lines: list[str] = []
+    for block in blocks:
+        if isinstance(block, Heading):
+            lines += ["#" * block.level + " " + block.text, ""]
+        elif isinstance(block, Note):
+            lines += [("> **Note:** " if block.kind == "warning" else "") + block.text, ""]
+        elif isinstance(block, Table):
+            lines.append("| " + " | ".join(_md_escape(h) for h in block.headers) + " |")
+            lines.append("|" + "|".join(["---"] + ["---:"] * (len(block.headers) - 1)) + "|")
+            for row in block.rows:
+                cells = [(f"**{c.text}**" if c.css == "neg" and "NEG" in c.text else c.text) for c in row]
+                lines.append("| " + " | ".join(_md_escape(c) for c in cells) + " |")
+            lines.append("")
+        elif isinstance(block, Image):
+            lines += [f"#### {block.title}", ""]
+            if block.path is not None:
+                relative = os.path.relpath(block.path, base).replace(os.sep, "/")
+                lines += [f"![{block.title}]({relative})", "", f"*{block.caption}*", ""]
+            else:
+                lines += [f"*{block.reason}*", ""]
+        elif isinstance(block, Bullets):
+            lines += [f"- {_md_escape(item)}" for item in block.items] + [""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+_CSS = """
+body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 2em auto;
+       max-width: 1200px; padding: 0 1em; color: #222; line-height: 1.45; }
+h1 { font-size: 1.6em; border-bottom: 2px solid #ddd; padding-bottom: .2em; }
+h2 { font-size: 1.3em; margin-top: 1.8em; border-bottom: 1px solid #eee; }
+h3 { font-size: 1.1em; margin-top: 1.4em; }
+table { border-collapse: collapse; margin: .6em 0; font-size: .9em; }
+th, td { border: 1px solid #ccc; padding: .3em .6em; text-align: right; white-space: nowrap; }
+th { background: #f3f3f3; }
+td:first-child, th:first-child { text-align: left; font-weight: 600; }
+td.neg { background: #f8d7d3; color: #8b1a10; }
+td.pos { background: #d6e6f5; color: #123f73; }
+td.ref { color: #555; }
+p.note { color: #444; font-size: .92em; }
+p.warning { background: #fff6d9; border-left: 4px solid #e0b000; padding: .4em .7em; font-size: .92em; }
+figure { margin: 1em 0 2em; }
+figure img { max-width: 100%; border: 1px solid #eee; }
+figcaption { font-size: .88em; color: #555; }
+p.missing { color: #777; font-style: italic; }
+"""
+
+
+def to_html(blocks: Sequence[Block], title: str) -> str:
+    """The blocks as one self-contained HTML page (images as base64 data URIs, inline CSS, no scripts)."""
+    esc = html.escape
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>{esc(title)}</title><style>{_CSS}</style></head><body>",
+    ]
+    for block in blocks:
+        if isinstance(block, Heading):
+            parts.append(f"<h{block.level}>{esc(block.text)}</h{block.level}>")
+        elif isinstance(block, Note):
+            parts.append(f'<p class="{esc(block.kind)}">{esc(block.text)}</p>')
+        elif isinstance(block, Table):
+            head = "".join(f"<th>{esc(h)}</th>" for h in block.headers)
+            body = "".join(
+                "<tr>"
+                + "".join(
+                    f'<td class="{esc(c.css)}">{esc(c.text)}</td>' if c.css else f"<td>{esc(c.text)}</td>"
+                    for c in row
+                )
+                + "</tr>"
+                for row in block.rows
+            )
+            parts.append(
+                f'<table class="summary"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+            )
+        elif isinstance(block, Image):
+            parts.append(f"<h4>{esc(block.title)}</h4>")
+            if block.path is not None:
+                data = base64.b64encode(block.path.read_bytes()).decode("ascii")
+                parts.append(
+                    f'<figure><img src="data:image/png;base64,{data}" alt="{esc(block.title)}">'
+                    f"<figcaption>{esc(block.caption)}</figcaption></figure>"
+                )
+            else:
+                parts.append(f'<p class="missing">{esc(block.reason)}</p>')
+        elif isinstance(block, Bullets):
+            parts.append("<ul>" + "".join(f"<li>{esc(item)}</li>" for item in block.items) + "</ul>")
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
+def _write_text(path: Path, text: str) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text, encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def write_report(
+    directory: str | Path,
+    *,
+    specs: Sequence[RunSpec] | None = None,
+    targets_only: bool = True,
+    level: float = 0.95,
+    title: str | None = None,
+) -> ReportFiles:
+    """Write ``DIR/report.md``, ``DIR/report.html`` and ``DIR/plots/*.png`` from ``DIR/results.sqlite``.
+
+    Args:
+        directory: a study directory (``bench --out``) holding ``results.sqlite``.
+        specs: report exactly these runs (one study; what ``bench`` passes). Default: every study in the
+            store, one section per (dataset, protocol), newest first; plots of section ``i > 0`` go to
+            ``plots/<dataset>-<protocol hash>/``.
+        targets_only: leave auxiliary tasks out of Δm and verdicts (as ``bench`` does).
+        level: confidence level of the Δm intervals (the verdicts' significance level is ``1 − level``).
+        title: the page title (default: ``taskbalance report — <dataset(s)>``).
+
+    Raises:
+        FileNotFoundError: no results store in ``directory``.
+    """
+    import matplotlib  # noqa: F401  (fail here, with the extra's name, if it is missing)
+
+    root = Path(directory)
+    database = root / STORE_NAME
+    if not database.exists():
+        raise FileNotFoundError(f"no results store at {database}; run `taskbalance bench --out {root}` first")
+    with ResultsStore(database) as store:
+        sections = load_sections(store, specs, targets_only=targets_only, level=level)
+    from .. import __version__
+
+    datasets = ", ".join(dict.fromkeys(s.dataset for s in sections)) or "empty store"
+    page_title = title or f"taskbalance report — {datasets}"
+    now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    blocks: list[Block] = [
+        Heading(1, page_title),
+        Note(f"Written {now} by taskbalance {__version__} from {database.name}."),
+    ]
+    if not sections:
+        blocks.append(Note("The results store has no runs yet.", "warning"))
+    if len(sections) > 1:
+        blocks.append(
+            Note(
+                f"This store holds {len(sections)} studies (dataset × protocol); each has its own section, "
+                f"newest first. Numbers are never mixed across protocols.",
+            )
+        )
+    plots: list[Path] = []
+    for index, section in enumerate(sections):
+        plots_dir = root / PLOTS_DIR
+        if index > 0:
+            plots_dir = plots_dir / f"{section.dataset}-{section.protocol_hash}"
+        heading = f"Study: {section.dataset}" + (
+            f" (protocol {section.protocol_hash})" if len(sections) > 1 else ""
+        )
+        section_blocks, written = _section_blocks(section, plots_dir, heading)
+        blocks += section_blocks
+        plots += written
+    markdown, page = root / REPORT_MD, root / REPORT_HTML
+    _write_text(markdown, to_markdown(blocks, root))
+    _write_text(page, to_html(blocks, page_title))
+    return ReportFiles(markdown, page, plots)
+
+
+def verdict_marks() -> dict[str, str]:
+    """The verdict abbreviations used in tables and the heatmap."""
+    return dict(VERDICT_MARKS)
