@@ -18,6 +18,10 @@ and nothing is injected into it behind its back; its whole state round-trips thr
 * if ``balancer.needs_post_step_losses``: after ``optimizer.step()``, recompute the losses on the same
   batch under ``torch.no_grad()`` and pass them to ``balancer.after_step(losses)`` (FAMO).
 
+**Scaling out** (``docs/scaling.md``): ``balancer.set_reducer(DistributedReducer())`` makes every rank of a
+data-parallel job take the step one process would take on the global batch (see
+:mod:`taskbalance.distributed`); ``backward(..., scaler=scaler)`` works with ``torch.amp.GradScaler``.
+
 Learnable balancer parameters (UW's log-variances, GradNorm's logits, …) are ``nn.Parameter`` s reachable
 through ``balancer.parameters()``: add them to your optimiser, e.g.
 ``torch.optim.Adam([*model.parameters(), *balancer.parameters()])``.
@@ -27,7 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -43,10 +47,34 @@ from ..record import StepRecord
 from .inputs import NonFinitePolicy, TaskLosses, collect_losses, validate_tasks
 from .registry import MethodInfo
 
-__all__ = ["Balancer", "LossBalancer", "GradientBalancer", "Aggregation", "GradientLevel"]
+__all__ = ["Balancer", "LossBalancer", "GradientBalancer", "Aggregation", "GradientLevel", "Reducer"]
 
 GradientLevel = Literal["parameters", "features"]
 _POLICIES = ("raise", "skip", "propagate")
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+class Reducer(Protocol):
+    """What a balancer asks of a data-parallel communicator (implemented by
+    :class:`taskbalance.distributed.DistributedReducer`; see ``docs/scaling.md``)."""
+
+    def globalize_losses(self, losses: Mapping[str, Tensor], tasks: tuple[str, ...]) -> Mapping[str, Tensor]:
+        """The losses with their *values* replaced by the global-batch values (gradients stay local)."""
+        ...
+
+    def reduce_jacobian(self, jacobian: Tensor, level: GradientLevel) -> Tensor:
+        """The global-batch Jacobian from this rank's one."""
+        ...
+
+    def local_direction(self, direction: Tensor, level: GradientLevel) -> Tensor:
+        """This rank's share of a global update computed from :meth:`reduce_jacobian`'s output."""
+        ...
+
+    def backward_mean(
+        self, roots: Sequence[Tensor], grad_tensors: Sequence[Tensor], inputs: Sequence[Tensor]
+    ) -> None:
+        """Back-propagate locally and accumulate the rank-averaged gradient into ``inputs``' ``.grad``."""
+        ...
 
 
 class Balancer(nn.Module):
@@ -77,6 +105,8 @@ class Balancer(nn.Module):
         self.step_count = 0
         self.epoch_count = 0
         self.register_buffer("_device_anchor", torch.zeros(()), persistent=False)
+        self._reducer: Reducer | None = None  # transient: not part of the state
+        self._grad_scale: Tensor | None = None  # set only during backward(..., scaler=...)
 
     @property
     def num_tasks(self) -> int:
@@ -88,6 +118,21 @@ class Balancer(nn.Module):
         """Registry name of the method."""
         return self.info.name
 
+    @property
+    def reducer(self) -> Reducer | None:
+        """The data-parallel reducer set with :meth:`set_reducer`, or ``None`` (single process)."""
+        return self._reducer
+
+    def set_reducer(self, reducer: Reducer | None) -> Balancer:
+        """Take global-batch steps under data parallelism (``None`` goes back to single-process behaviour).
+
+        With a reducer, the loss values that drive the weights and the state are averaged over ranks (so every
+        rank keeps an identical state), and gradient-level methods average the per-task Jacobian and the head
+        gradients over ranks. See :mod:`taskbalance.distributed` and ``docs/scaling.md``. Returns ``self``.
+        """
+        self._reducer = reducer
+        return self
+
     # ------------------------------------------------------------------ protocol
     def backward(
         self,
@@ -95,6 +140,7 @@ class Balancer(nn.Module):
         *,
         shared: Iterable[Tensor] | None = None,
         features: Tensor | Sequence[Tensor] | None = None,
+        scaler: Any = None,
     ) -> StepRecord:
         """Back-propagate the balanced combination of ``losses``; replaces ``loss.backward()``.
 
@@ -105,10 +151,17 @@ class Balancer(nn.Module):
                 methods in parameter mode; ignored by loss-level methods.
             features: the shared representation tensor(s) the task heads read. Required by gradient-level
                 methods in feature mode (``gradients="features"``); ignored otherwise.
+            scaler: an enabled ``torch.amp.GradScaler`` for float16 mixed precision. Pass the *unscaled*
+                losses: weights and state are computed from true loss values and true (unscaled) per-task
+                gradients; the backward passes run on scaled losses and ``.grad`` is left *scaled*, so
+                ``scaler.step(optimizer)`` / ``scaler.update()`` follow as usual (they unscale, and skip the
+                step on overflow). On an overflowing step a gradient method's buffers are restored on-device.
 
         Returns:
             A :class:`~taskbalance.StepRecord` of detached tensors (weights, losses, skipped tasks).
         """
+        if self._reducer is not None:
+            losses = self._reducer.globalize_losses(losses, self.tasks)
         batch = collect_losses(
             losses,
             self.tasks,
@@ -119,9 +172,23 @@ class Balancer(nn.Module):
         )
         if batch.values.device != self._device_anchor.device:
             self.to(batch.values.device)
-        record = self._step(batch, shared=shared, features=features)
+        self._grad_scale = self._scale_of(scaler, batch.values.device)
+        try:
+            record = self._step(batch, shared=shared, features=features)
+        finally:
+            self._grad_scale = None
         self.step_count += 1
         return record
+
+    def _scale_of(self, scaler: Any, device: torch.device) -> Tensor | None:
+        """The GradScaler's current scale as a 0-d float32 tensor (no host read), or ``None``."""
+        if scaler is None or not scaler.is_enabled():
+            return None
+        if type(self)._step not in (LossBalancer._step, GradientBalancer._step):
+            raise NotImplementedError(
+                f"{self.info.name} overrides _step and does not support scaler=; unscale yourself instead"
+            )
+        return scaler.scale(torch.ones((), dtype=torch.float32, device=device))
 
     def end_epoch(self) -> None:
         """Mark the end of a training epoch (used by DWA, STCH, GradNorm; a no-op elsewhere)."""
@@ -134,6 +201,8 @@ class Balancer(nn.Module):
         Call it only when :attr:`needs_post_step_losses` is true, to save the extra forward pass otherwise.
         """
         if self.needs_post_step_losses:
+            if self._reducer is not None:
+                losses = self._reducer.globalize_losses(losses, self.tasks)
             batch = collect_losses(losses, self.tasks, self._task_index, self.on_nonfinite, method=self.info.name)
             self._on_post_step_losses(batch)
 
@@ -215,6 +284,8 @@ class LossBalancer(Balancer):
                 "none of the given losses requires grad; compute them from the model under autograd "
                 "(not inside torch.no_grad())"
             )
+        if self._grad_scale is not None:
+            total = (total.float() if total.dtype in _LOW_PRECISION else total) * self._grad_scale
         total.backward()
         return self._record(batch, weights)
 
@@ -305,6 +376,11 @@ class GradientBalancer(Balancer):
             raise RuntimeError("none of the given losses requires grad; compute them from the model under autograd")
         index = self._index_tensor(batch.index, roots.device)
         shared_list = [p for p in shared if p.requires_grad] if shared is not None else None
+        scale, reducer = self._grad_scale, self._reducer
+        # Under a GradScaler every backward runs on scaled losses; the Jacobian is unscaled before aggregate.
+        scaled_roots = roots
+        if scale is not None:
+            scaled_roots = (roots.float() if roots.dtype in _LOW_PRECISION else roots) * scale
         if self.gradients == "features":
             if features is None:
                 raise ValueError(
@@ -312,12 +388,7 @@ class GradientBalancer(Balancer):
                     "backward(losses, features=z)"
                 )
             feature_list = [features] if isinstance(features, Tensor) else list(features)
-            jacobian = feature_jacobian(roots, feature_list)
-            aggregation = self.aggregate(jacobian, roots.detach(), index)
-            direction = self._direction(aggregation, jacobian)
-            heads = reachable_leaves([roots], stop_at=feature_list, exclude=shared_list or ())
-            self._backward_heads(roots, aggregation, heads)
-            backward_through(feature_list, direction, shared_list)
+            jacobian = feature_jacobian(scaled_roots, feature_list)
         else:
             if shared_list is None:
                 raise ValueError(
@@ -326,14 +397,52 @@ class GradientBalancer(Balancer):
                 )
             if not shared_list:
                 raise ValueError("shared= contained no parameter that requires grad")
-            jacobian = parameter_jacobian(roots, shared_list)
-            aggregation = self.aggregate(jacobian, roots.detach(), index)
-            direction = self._direction(aggregation, jacobian)
+            jacobian = parameter_jacobian(scaled_roots, shared_list)
+        if scale is not None:
+            jacobian = jacobian / scale.to(jacobian.dtype)
+        if reducer is not None:
+            jacobian = reducer.reduce_jacobian(jacobian, self.gradients)
+        aggregation = self._aggregate_guarded(jacobian, roots.detach(), index)
+        direction = self._direction(aggregation, jacobian)
+        if scale is not None:
+            direction = direction * scale.to(direction.dtype)
+        if reducer is not None:
+            direction = reducer.local_direction(direction, self.gradients)
+        if self.gradients == "features":
+            heads = reachable_leaves([roots], stop_at=feature_list, exclude=shared_list or ())
+            self._backward_heads(scaled_roots, aggregation, heads)
+            if reducer is None:
+                backward_through(feature_list, direction, shared_list)
+            else:
+                trunk = shared_list if shared_list is not None else reachable_leaves(feature_list)
+                pieces = torch.split(direction, [f.numel() for f in feature_list])
+                grads = [piece.view_as(f) for piece, f in zip(pieces, feature_list, strict=True)]
+                reducer.backward_mean(feature_list, grads, trunk)
+        else:
             heads = reachable_leaves([roots], exclude=shared_list)
-            self._backward_heads(roots, aggregation, heads)
+            self._backward_heads(scaled_roots, aggregation, heads)
             accumulate_grad(shared_list, direction)
         weights = batch.values.new_zeros(self.num_tasks).index_copy(0, index, aggregation.weights.to(roots.dtype))
         return self._record(batch, weights, aggregation.extras)
+
+    def _aggregate_guarded(self, jacobian: Tensor, losses: Tensor, index: Tensor) -> Aggregation:
+        """:meth:`aggregate`, which under a GradScaler keeps the buffers and poisons the step on overflow.
+
+        Both are done on-device with ``torch.where`` (no host read): ``scaler.step`` then skips the step.
+        """
+        if self._grad_scale is None:
+            return self.aggregate(jacobian, losses, index)
+        finite = torch.isfinite(jacobian).all()
+        before = [buffer.clone() for buffer in self.buffers()]
+        aggregation = self.aggregate(jacobian, losses, index)
+        with torch.no_grad():
+            for buffer, old in zip(self.buffers(), before, strict=True):
+                buffer.copy_(torch.where(finite, buffer, old))
+        poison = torch.where(finite, 0.0, float("nan")).to(aggregation.weights.dtype)
+        aggregation.weights = aggregation.weights + poison
+        if aggregation.direction is not None:
+            aggregation.direction = aggregation.direction + poison.to(aggregation.direction.dtype)
+        return aggregation
 
     @staticmethod
     def _direction(aggregation: Aggregation, jacobian: Tensor) -> Tensor:
@@ -345,7 +454,10 @@ class GradientBalancer(Balancer):
         if not heads:
             return
         head_weights = aggregation.weights.to(roots.dtype) if self.scale_heads else torch.ones_like(roots)
-        torch.autograd.backward(roots, grad_tensors=head_weights.detach(), inputs=heads)
+        if self._reducer is not None:
+            self._reducer.backward_mean([roots], [head_weights.detach()], heads)
+        else:
+            torch.autograd.backward(roots, grad_tensors=head_weights.detach(), inputs=heads)
 
     def extra_repr(self) -> str:
         return f"tasks={list(self.tasks)}, gradients={self.gradients!r}"
