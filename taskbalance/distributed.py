@@ -125,7 +125,8 @@ class DistributedReducer:
             return losses
         names = [t for t in tasks if t in losses]
         values = [losses[n] for n in names]
-        if not names or any(not isinstance(v, Tensor) or v.dim() != 0 or not v.is_floating_point() for v in values):
+        scalar_floats = all(isinstance(v, Tensor) and v.dim() == 0 and v.is_floating_point() for v in values)
+        if not names or not scalar_floats:
             return losses
         stacked = torch.stack(values)
         k = len(tasks)
@@ -141,8 +142,8 @@ class DistributedReducer:
             if bool(uneven.any()):  # host read: check_tasks=True only
                 bad = [t for t, u in zip(tasks, uneven.tolist(), strict=True) if u]
                 raise RuntimeError(
-                    f"task(s) {', '.join(repr(b) for b in bad)} were passed on some ranks but not others; every "
-                    "rank must pass the same tasks (use a masked loss that is 0 where a shard has no labels)"
+                    f"task(s) {', '.join(repr(b) for b in bad)} were passed on some ranks but not others; "
+                    "every rank must pass the same tasks (pass a masked loss, 0 where a shard has no labels)"
                 )
         means = (sums / counts.clamp_min(1)).index_select(0, positions).to(stacked.dtype)
         replaced = _ReplaceValue.apply(stacked, means)
@@ -151,7 +152,7 @@ class DistributedReducer:
         return out
 
     def reduce_jacobian(self, jacobian: Tensor, level: GradientLevel) -> Tensor:
-        """Global-batch Jacobian: the rank mean (``"parameters"``) or the rank blocks side by side (``"features"``).
+        """Global-batch Jacobian: the rank mean (parameters) or the rank blocks side by side (features).
 
         For features the global matrix is ``[J_1, …, J_R] / R`` (``K × R·N``): the global loss is the mean of
         the shard losses, and each shard's features are distinct coordinates.
@@ -176,14 +177,13 @@ class DistributedReducer:
     def backward_mean(
         self, roots: Sequence[Tensor], grad_tensors: Sequence[Tensor], inputs: Sequence[Tensor]
     ) -> None:
-        """Local backward into ``inputs`` (no accumulation), one all-reduce (mean), then add into ``.grad``."""
+        """Local backward into ``inputs`` (no accumulation), one all-reduce (mean), then add to ``.grad``."""
         inputs = list(inputs)
         if not inputs:
             return
         grads = torch.autograd.grad(list(roots), inputs, grad_outputs=list(grad_tensors), allow_unused=True)
-        flat = torch.cat([
-            (g if g is not None else torch.zeros_like(x)).reshape(-1) for g, x in zip(grads, inputs, strict=True)
-        ])
+        pieces = [g if g is not None else torch.zeros_like(x) for g, x in zip(grads, inputs, strict=True)]
+        flat = torch.cat([piece.reshape(-1) for piece in pieces])
         accumulate_grad(inputs, self._mean_(flat))
 
 
@@ -210,7 +210,7 @@ def all_reduce_gradients(parameters: Iterable[Tensor], process_group: Any = None
 
 
 def broadcast_parameters(module: nn.Module, src: int = 0, process_group: Any = None) -> None:
-    """Copy ``module``'s parameters and buffers from rank ``src`` to every rank (start from the same weights)."""
+    """Copy ``module``'s parameters and buffers from rank ``src`` to every rank (so all start the same)."""
     with torch.no_grad():
         for tensor in [*module.parameters(), *module.buffers()]:
             dist.broadcast(tensor, src=src, group=process_group)
