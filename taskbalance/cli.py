@@ -1,4 +1,4 @@
-"""The ``taskbalance`` command line: ``methods``, ``train``, ``bench``, ``export``.
+"""The ``taskbalance`` command line: ``methods``, ``train``, ``bench``, ``report``, ``export``.
 
 Needs the ``cli`` extra (``pip install "taskbalance[cli]"``: typer and rich). Bad input (unknown method,
 dataset or suite, malformed ``--target``/``--hp``) exits with status 2 and a message saying what is accepted;
@@ -222,6 +222,9 @@ def bench_command(
         list[str] | None, typer.Option(help="feature columns of --csv (comma-separated)")
     ] = None,
     baselines: Annotated[bool, typer.Option(help="train single-task baselines (needed for Δm)")] = True,
+    report: Annotated[
+        bool, typer.Option(help="write DIR/report.md, DIR/report.html and DIR/plots/ at the end")
+    ] = True,
 ) -> None:
     """Train single-task baselines and methods over seeds; print metrics, Δm, transfer verdicts and cost.
 
@@ -313,8 +316,53 @@ def bench_command(
         f"{executed} run(s) executed, {skipped} already done; wall time {wall:.1f} s; "
         f"results in {directory / 'results.sqlite'}"
     )
+    if report:
+        _write_report(directory, specs, console)
     if summary.failed:
         raise typer.Exit(code=1)
+
+
+def _write_report(directory: Path, specs: Any, console: Console) -> None:
+    """The end-of-bench report; a failure here is reported but never fails the study (results are stored)."""
+    try:
+        from .report import write_report
+
+        files = write_report(directory, specs=specs)
+    except ImportError as error:
+        console.print(
+            f'No report written: it needs the "report" extra (pip install "taskbalance[report]"): {error}',
+            markup=False,
+        )
+    except Exception as error:  # the study itself succeeded and is stored; say why the report did not
+        console.print(f"The report could not be written: {type(error).__name__}: {error}", markup=False)
+    else:
+        console.print(
+            f"Report: {files.html} (and {files.markdown.name}, {len(files.plots)} plot(s) in plots/)",
+            highlight=False,
+        )
+
+
+@app.command("report")
+def report_command(
+    directory: Annotated[Path, typer.Argument(help="study directory given to `bench --out`")],
+) -> None:
+    """Write DIR/report.md, a self-contained DIR/report.html and DIR/plots/*.png from a study's results.
+
+    One section per (dataset, protocol) in DIR/results.sqlite: metrics, Δm with 95% CIs, transfer verdicts,
+    heatmap, weight trajectories, curves and cost per step.
+    """
+    try:
+        from .report import write_report
+
+        files = write_report(directory)
+    except ImportError as error:
+        _fail(f'the report needs the "report" extra: pip install "taskbalance[report]" ({error})')
+    except FileNotFoundError as error:
+        _fail(str(error))
+    console = _console()
+    console.print(f"wrote {files.markdown}", highlight=False)
+    console.print(f"wrote {files.html} (self-contained)", highlight=False)
+    console.print(f"wrote {len(files.plots)} plot(s) in {directory / 'plots'}", highlight=False)
 
 
 @app.command("export")
