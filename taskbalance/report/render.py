@@ -28,7 +28,7 @@ from pathlib import Path
 from ..bench.runner import RunSpec
 from ..bench.store import STORE_NAME, ResultsStore
 from ..bench.table import VERDICT_MARKS
-from .data import Section, load_sections, relative_change_matrix
+from .data import MethodView, Section, load_sections, relative_change_matrix
 from .plots import (
     plot_cost_vs_delta_m,
     plot_curves,
@@ -108,6 +108,17 @@ def _pm(mean: float, std: float) -> str:
     return _fmt(mean) if not math.isfinite(std) else f"{_fmt(mean)} ± {_fmt(std, 2)}"
 
 
+def delta_m_css(view: MethodView) -> str:
+    """Shade a Δm cell only when its CI excludes 0: red (``neg``) entirely above, blue (``pos``) below."""
+    if not view.has_ci:
+        return ""
+    if view.ci_low > 0:
+        return "neg"
+    if view.ci_high < 0:
+        return "pos"
+    return ""
+
+
 def _verdict_css(mark: str) -> str:
     return {"NEG": "neg", "pos": "pos"}.get(mark, "")
 
@@ -165,8 +176,7 @@ def _summary_table(section: Section) -> Table:
         if item.transfer is None:
             cells += [Cell("unavailable"), Cell("–"), Cell("–")]
         else:
-            css = "neg" if item.transfer.delta_m > 0 else "pos" if item.transfer.delta_m < 0 else ""
-            cells.append(Cell(_pm(item.transfer.delta_m, item.transfer.delta_m_std), css))
+            cells.append(Cell(_pm(item.transfer.delta_m, item.transfer.delta_m_std), delta_m_css(view)))
             if view.has_ci:
                 cells.append(Cell(f"[{_fmt(view.ci_low, 3)}, {_fmt(view.ci_high, 3)}]"))
             else:
