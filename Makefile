@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # A CPU wheel of torch 2.13.0 lies on these machines; a loose `torch` requirement would pull a CUDA build.
 TORCH_PIN := torch==2.13.0
 
-.PHONY: venv demo test lint bench clean data
+.PHONY: venv demo test lint bench clean data chromium
 
 venv: $(STAMP)
 
@@ -21,7 +21,10 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) examples/quickstart.py
 
-test: $(STAMP)
+# The report's render test opens the HTML in headless Chromium through /usr/bin/chromedriver (Debian packages
+# chromium, chromium-driver): installed here where apt-get is available (as root or with sudo), else that one
+# test is skipped with the reason.
+test: $(STAMP) chromium
 	$(PY) -m pytest; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
 
 lint: $(STAMP)
@@ -47,4 +50,16 @@ data:
 		echo "train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz) in a folder"; \
 		echo "and set TASKBALANCE_DATA to it (or pass data_dir= to taskbalance.data.load('multi_fashion'))."; \
 		exit 1; \
+	fi
+
+chromium:
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then \
+		echo "chromium and chromedriver: already installed"; \
+	elif command -v apt-get >/dev/null 2>&1 && { [ "$$(id -u)" -eq 0 ] || command -v sudo >/dev/null 2>&1; }; then \
+		SUDO=$$( [ "$$(id -u)" -eq 0 ] || echo "sudo -n" ); \
+		{ $$SUDO apt-get update -qq && \
+		  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; } \
+			|| echo "could not install chromium; the report render test will be skipped"; \
+	else \
+		echo "apt-get is not available: the report render test (headless Chromium) will be skipped"; \
 	fi
