@@ -134,8 +134,9 @@ class FAMO(LossBalancer):
         z = torch.where(present, self.task_weights().to(losses.dtype), torch.zeros_like(losses))
         scaled = z / shifted.detach()
         c = 1.0 / scaled.sum()
-        total = c * (z * torch.log(shifted)).sum()
-        log_before = torch.log(shifted.detach()).to(self.pre_step_log_losses.dtype)
+        logs = torch.log(shifted)
+        total = c * (z * logs).sum()
+        log_before = logs.detach().to(self.pre_step_log_losses.dtype)
         self.pre_step_log_losses.copy_(torch.where(present, log_before, self.pre_step_log_losses))
         self.pre_step_present.copy_(present)
         self.awaiting_post_step = True

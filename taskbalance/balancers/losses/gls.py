@@ -55,6 +55,6 @@ class GeometricLossStrategy(LossBalancer):
         used = present & (losses.detach() >= self.eps)
         safe = torch.where(present, losses, torch.ones_like(losses)).clamp_min(self.eps)
         count = present.sum().to(losses.dtype)
-        total = torch.exp(torch.where(present, torch.log(safe), torch.zeros_like(safe)).sum() / count)
+        total = torch.exp(torch.log(safe).sum() / count)  # absent entries are 1: log 1 = 0
         weights = torch.where(used, total.detach() / (count * safe.detach()), torch.zeros_like(safe))
         return total, weights
