@@ -433,11 +433,13 @@ class GradientBalancer(Balancer):
         if self._grad_scale is None:
             return self.aggregate(jacobian, losses, index)
         finite = torch.isfinite(jacobian).all()
-        before = [buffer.clone() for buffer in self.buffers()]
+        before = {name: buffer.clone() for name, buffer in self.named_buffers()}
         aggregation = self.aggregate(jacobian, losses, index)
         with torch.no_grad():
-            for buffer, old in zip(self.buffers(), before, strict=True):
-                buffer.copy_(torch.where(finite, buffer, old))
+            for name, buffer in self.named_buffers():
+                old = before.get(name)
+                if old is not None and old.shape == buffer.shape:  # a re-sized buffer cannot be rolled back
+                    buffer.copy_(torch.where(finite, buffer, old))
         poison = torch.where(finite, 0.0, float("nan")).to(aggregation.weights.dtype)
         aggregation.weights = aggregation.weights + poison
         if aggregation.direction is not None:
