@@ -72,6 +72,7 @@ class GradientCosineSimilarity(GradientBalancer):
     """
 
     scale_heads = False
+    target_mask: Tensor
 
     def __init__(
         self,

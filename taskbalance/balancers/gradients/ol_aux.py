@@ -53,6 +53,9 @@ class OnlineAuxiliaryWeighting(GradientBalancer):
     """
 
     scale_heads = False
+    target_mask: Tensor
+    weights: Tensor
+    accumulated: Tensor
 
     def __init__(
         self,
