@@ -330,7 +330,9 @@ _PLOTS: list[tuple[str, str, str, Callable[[Section, Path], Path | str]]] = [
 ]
 
 
-def _section_blocks(section: Section, plots_dir: Path, heading: str) -> tuple[list[Block], list[Path]]:
+def _section_blocks(
+    section: Section, plots_dir: Path, heading: str, draw_plots: bool
+) -> tuple[list[Block], list[Path]]:
     blocks: list[Block] = [Heading(2, heading), Note(_protocol_line(section))]
     seeds = sorted({m.summary.seeds for m in section.methods})
     blocks.append(
@@ -354,7 +356,7 @@ def _section_blocks(section: Section, plots_dir: Path, heading: str) -> tuple[li
         path = plots_dir / name
         if path.exists():
             path.unlink()  # never leave a stale plot from an earlier report next to this one
-        outcome = draw(section, path)
+        outcome = draw(section, path) if draw_plots else "Not drawn (report written with plots=False)."
         if isinstance(outcome, Path):
             written.append(outcome)
             blocks.append(Image(title, outcome, caption))
@@ -474,6 +476,7 @@ def write_report(
     targets_only: bool = True,
     level: float = 0.95,
     title: str | None = None,
+    plots: bool = True,
 ) -> ReportFiles:
     """Write ``DIR/report.md``, ``DIR/report.html`` and ``DIR/plots/*.png`` from ``DIR/results.sqlite``.
 
@@ -485,11 +488,13 @@ def write_report(
         targets_only: leave auxiliary tasks out of Δm and verdicts (as ``bench`` does).
         level: confidence level of the Δm intervals (the verdicts' significance level is ``1 − level``).
         title: the page title (default: ``taskbalance report — <dataset(s)>``).
+        plots: draw the PNG plots (``False``: tables and notes only, much faster).
 
     Raises:
         FileNotFoundError: no results store in ``directory``.
     """
-    import matplotlib  # noqa: F401  (fail here, with the extra's name, if it is missing)
+    if plots:
+        import matplotlib  # noqa: F401  (fail early if the "report" extra is missing)
 
     root = Path(directory)
     database = root / STORE_NAME
@@ -515,7 +520,7 @@ def write_report(
                 f"newest first. Numbers are never mixed across protocols.",
             )
         )
-    plots: list[Path] = []
+    written_plots: list[Path] = []
     for index, section in enumerate(sections):
         plots_dir = root / PLOTS_DIR
         if index > 0:
@@ -523,13 +528,13 @@ def write_report(
         heading = f"Study: {section.dataset}" + (
             f" (protocol {section.protocol_hash})" if len(sections) > 1 else ""
         )
-        section_blocks, written = _section_blocks(section, plots_dir, heading)
+        section_blocks, written = _section_blocks(section, plots_dir, heading, plots)
         blocks += section_blocks
-        plots += written
+        written_plots += written
     markdown, page = root / REPORT_MD, root / REPORT_HTML
     _write_text(markdown, to_markdown(blocks, root))
     _write_text(page, to_html(blocks, page_title))
-    return ReportFiles(markdown, page, plots)
+    return ReportFiles(markdown, page, written_plots)
 
 
 def verdict_marks() -> dict[str, str]:
