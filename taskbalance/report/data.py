@@ -272,7 +272,7 @@ def _section(
         if chosen is not None:
             view.representative_run, view.representative_seed = chosen["id"], chosen["seed"]
         views.append(view)
-    first = mine[0] if mine else {"dataset": specs[0].dataset, "protocol": specs[0].protocol}
+    first: dict[str, Any] = mine[0] if mine else {"dataset": specs[0].dataset, "protocol": specs[0].protocol}
     return Section(
         dataset=first["dataset"],
         protocol_hash=specs[0].protocol_hash,

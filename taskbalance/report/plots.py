@@ -32,6 +32,7 @@ __all__ = [
 HEATMAP_CMAP = "RdBu_r"  # high (worse than single-task) = red, low (better) = blue, 0 = white
 WORSE, BETTER, NEUTRAL = "#c0392b", "#2166ac", "#555555"
 DPI = 110
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "*")  # per method: overlapping curves stay visible
 LINESTYLES = ("-", "--", ":", "-.")  # cycled per task so that identical weights (e.g. EW) stay visible
 
 
@@ -219,12 +220,13 @@ def plot_curves(section: Section, path: Path, *, key: str) -> Path | str:
         if baseline:
             curve = mean_curve(baseline, key, task.name)
             axes.plot(range(1, len(curve) + 1), curve, "k--", linewidth=1.3, label="single-task")
-        for colour, view in zip(colours, section.methods, strict=True):
+        for i, (colour, view) in enumerate(zip(colours, section.methods, strict=True)):
             curve = mean_curve(section.histories.get(view.label, []), key, task.name)
             if any(math.isfinite(v) for v in curve):
                 axes.plot(
-                    range(1, len(curve) + 1), curve, color=colour, linewidth=1.2, marker=".", label=view.label
-                )
+                    range(1, len(curve) + 1), curve, color=colour, linewidth=1.2, label=view.label,
+                    marker=MARKERS[i % len(MARKERS)], markersize=4, markerfacecolor="none",
+                )  # fmt: skip
         direction = "↑" if task.higher_is_better else "↓"
         what = "train loss" if key == "train_loss" else f"val {task.metric} {direction}"
         aux = " (aux)" if task.role == "auxiliary" else ""
