@@ -3,9 +3,9 @@
 * :class:`SerialExecutor` — in this process, one after another (debugging, tests, one core).
 * :class:`LocalProcessExecutor` — a pool of ``spawn``-ed worker processes (default: one per core), each with
   ``torch.set_num_threads(1)`` so that workers do not fight over cores and CPU runs are deterministic.
-
-A distributed executor (Ray) implements the same interface: specs and results are plain picklable dataclasses,
-and the executor never writes to the results store (the driver process does, alone).
+* :class:`~taskbalance.bench.ray_executor.RayExecutor` — Ray tasks, on a private local Ray or a cluster (the
+  ``ray`` extra). It implements the same interface: specs and results are plain picklable dataclasses, and the
+  executor never writes to the results store (the driver process does, alone).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from concurrent.futures.process import BrokenProcessPool
 
 from .runner import RunResult, RunSpec, _now, execute
 
-__all__ = ["Executor", "SerialExecutor", "LocalProcessExecutor", "make_executor"]
+__all__ = ["Executor", "SerialExecutor", "LocalProcessExecutor", "make_executor", "EXECUTORS"]
 
 
 class Executor(ABC):
@@ -119,10 +119,34 @@ def _result_of(future: Future[RunResult], spec: RunSpec) -> RunResult:
         )
 
 
-def make_executor(workers: int | None) -> Executor:
-    """``workers == 1``: :class:`SerialExecutor`, else :class:`LocalProcessExecutor` (``None``: all cores)."""
+EXECUTORS = ("local", "serial", "ray")
+
+
+def make_executor(workers: int | None, kind: str = "local", *, ray_address: str | None = None) -> Executor:
+    """The executor for ``kind``.
+
+    * ``"local"``: ``workers == 1`` gives a :class:`SerialExecutor`, else a :class:`LocalProcessExecutor`
+      (``None``: all cores);
+    * ``"serial"``: a :class:`SerialExecutor` (``workers`` must be ``None`` or 1);
+    * ``"ray"``: a :class:`~taskbalance.bench.ray_executor.RayExecutor`, on the cluster at ``ray_address``
+      (``"auto"`` or ``"HOST:PORT"``) or, without one, on a private local Ray with ``workers`` CPUs.
+    """
+    if kind not in EXECUTORS:
+        raise ValueError(f"unknown executor {kind!r}; choose one of {', '.join(EXECUTORS)}")
     if workers is not None and workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
+    if ray_address is not None and kind != "ray":
+        raise ValueError(f"a Ray address needs the ray executor, not {kind!r}")
+    if kind == "ray":
+        if ray_address is not None and workers is not None:
+            raise ValueError("workers sizes a local Ray; a Ray cluster given by address has its own CPUs")
+        from .ray_executor import RayExecutor
+
+        return RayExecutor(ray_address, num_cpus=workers)
+    if kind == "serial":
+        if workers not in (None, 1):
+            raise ValueError(f"the serial executor runs one run at a time, got workers={workers}")
+        return SerialExecutor()
     if workers == 1:
         return SerialExecutor()
     return LocalProcessExecutor(workers)
