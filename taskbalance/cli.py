@@ -216,6 +216,13 @@ def bench_command(
     workers: Annotated[
         int | None, typer.Option(min=1, help="processes (default: all cores; 1 = serial)")
     ] = None,
+    executor: Annotated[
+        str, typer.Option(help="where runs execute: local (processes), serial (this process), ray")
+    ] = "local",
+    ray_address: Annotated[
+        str | None,
+        typer.Option(help="with --executor ray: auto or HOST:PORT of a cluster (default: a local Ray)"),
+    ] = None,
     csv: Annotated[Path | None, typer.Option(help="your own CSV/Parquet table")] = None,
     target: Annotated[list[str] | None, typer.Option(help="column:kind of a --csv target (repeat)")] = None,
     features: Annotated[
@@ -237,6 +244,10 @@ def bench_command(
     from .bench.table import render_summary
 
     console, log = _console(), _console(stderr=True)
+    try:
+        runner = make_executor(workers, executor, ray_address=ray_address)
+    except (ValueError, ImportError) as error:
+        _fail(str(error))
     fingerprint = ""
     if suite is not None:
         if dataset is not None or csv is not None:
@@ -279,7 +290,7 @@ def bench_command(
         train=train,
         baselines=baselines,
         seeds=list(range(seeds if seeds is not None else chosen.seeds)),
-        checkpoint_dir=str(directory / "checkpoints"),
+        checkpoint_dir=str(directory.resolve() / "checkpoints"),  # absolute: Ray workers may run elsewhere
         data_fingerprint=fingerprint,
     )
     specs = study.specs()
@@ -300,7 +311,7 @@ def bench_command(
             highlight=False,
         )
         try:
-            executed, skipped = run_study(specs, store, make_executor(workers), on_result=progress)
+            executed, skipped = run_study(specs, store, runner, on_result=progress)
         except ValueError as error:
             _fail(str(error))
         summary = summarize(store, specs, targets_only=study.targets_only)
