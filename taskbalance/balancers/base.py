@@ -419,6 +419,7 @@ class GradientBalancer(Balancer):
                 grads = [piece.view_as(f) for piece, f in zip(pieces, feature_list, strict=True)]
                 reducer.backward_mean(feature_list, grads, trunk)
         else:
+            assert shared_list is not None  # checked above
             heads = reachable_leaves([roots], exclude=shared_list)
             self._backward_heads(scaled_roots, aggregation, heads)
             accumulate_grad(shared_list, direction)
