@@ -101,7 +101,7 @@ class BalancedTrainer(Trainer):
         self.features_key = features_key
         self.losses_key = losses_key
         self.last_record: StepRecord | None = None
-        self._last_inputs: Mapping[str, Any] | None = None
+        self._last_inputs: dict[str, Any] | None = None
         if self.accelerator.num_processes > 1 and balancer.reducer is None:
             from ..distributed import DistributedReducer
 
@@ -157,7 +157,7 @@ class BalancedTrainer(Trainer):
     def _after_optimizer_step(self) -> None:
         if self.balancer.needs_post_step_losses and self._last_inputs is not None:
             with torch.no_grad(), self.compute_loss_context_manager():
-                losses = self.compute_loss(self.model, self._last_inputs)
+                losses = self.compute_loss(self.model, self._last_inputs)  # type: ignore[arg-type]
             self.balancer.after_step(losses)
             self._last_inputs = None
 
