@@ -26,6 +26,7 @@ from taskbalance.bench.suites import get_suite  # noqa: E402
 from taskbalance.bench.tiny import tiny_data  # noqa: E402
 
 pytestmark = pytest.mark.slow
+ENVIRONMENT_BEFORE = dict(os.environ)
 # the workers cannot import this test module: ship its functions by value
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -159,7 +160,8 @@ def test_local_ray_is_private_and_listens_on_the_loopback_interface_only(executo
     assert environments.keys() == {"gcs_server", "raylet"}
     assert all(b"RAY_USAGE_STATS_ENABLED=0" in env for env in environments.values())
     # this process's own environment is left as it was
-    assert os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") is None
+    for name in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_USAGE_STATS_ENABLED"):
+        assert os.environ.get(name) == ENVIRONMENT_BEFORE.get(name)
 
 
 def test_quick_study_on_ray_gives_the_serial_rows(executor, serial_rows, tmp_path: Path):
@@ -244,6 +246,14 @@ def test_a_dead_worker_or_a_bad_return_is_a_failed_result_not_an_exception(execu
     assert odd.status == "failed" and "not a RunResult" in (odd.error or "")
     [bad] = executor.map([RunSpec("tiny", "ema", 0, {"beta": 7.0}, arch="tiny")])  # execute's own failure
     assert bad.status == "failed" and "beta must be in [0, 1)" in (bad.error or "")
+
+
+def test_a_run_the_local_ray_can_never_fit_is_an_error_not_a_hang(executor):
+    cases = [({"gpus_per_run": 1}, "GPU"), ({"cpus_per_run": 3}, "CPU"), ({"resources": {"tpu": 1}}, "tpu")]
+    for kwargs, short in cases:
+        with pytest.raises(ValueError, match=f"asks for .*{short}.* but the local Ray has"):
+            list(RayExecutor(run=report_threads, **kwargs).map([RunSpec("tiny", "ew", 0)]))
+    assert ray.is_initialized()
 
 
 def test_an_executor_using_a_ray_it_did_not_start_leaves_it_running(executor):

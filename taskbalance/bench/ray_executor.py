@@ -222,6 +222,13 @@ class RayExecutor(Executor):
             max_retries=self.max_retries,
         )
         threads = max(1, int(self.cpus_per_run))
+        if self.address is None:
+            try:
+                self._check_feasible(ray.cluster_resources())
+            except ValueError:
+                if owns_ray:
+                    self.close()
+                raise
         refs: dict[Any, RunSpec] = {}
         remaining: list[Any] = []
         try:
@@ -238,6 +245,17 @@ class RayExecutor(Executor):
                 ray.cancel(ref, force=False)
             if owns_ray:
                 self.close()
+
+    def _check_feasible(self, total: dict[str, float]) -> None:
+        """On a local Ray (no autoscaler), a run asking for more than the machine has would wait forever."""
+        wanted = {"CPU": self.cpus_per_run, "GPU": self.gpus_per_run, **self.resources}
+        short = {name: amount for name, amount in wanted.items() if amount > total.get(name, 0.0)}
+        if short:
+            have = {name: total.get(name, 0.0) for name in short}
+            raise ValueError(
+                f"each run asks for {short} but the local Ray has {have}; lower the per-run request or "
+                "give a cluster address"
+            )
 
     @staticmethod
     def _result_of(ray: Any, ref: Any, spec: RunSpec) -> RunResult:
