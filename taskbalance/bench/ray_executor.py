@@ -104,13 +104,18 @@ class RayExecutor(Executor):
         num_cpus: CPUs of the local Ray (default: all cores). Only for a local Ray.
         object_store_memory: bytes of the local Ray's object store (default 256 MB). Only for a local Ray.
         cpus_per_run: CPUs each run reserves; also its number of torch threads (rounded down, at least 1).
-        gpus_per_run: GPUs each run reserves (fractions share a GPU).
+        gpus_per_run: GPUs each run reserves (fractions share a GPU); Ray sets the task's
+            ``CUDA_VISIBLE_DEVICES``. Note that :func:`~taskbalance.bench.runner.execute` trains where the
+            model is built (the CPU) for now: this request matters for a ``run`` that moves it to the GPU.
         resources: extra custom Ray resources each run reserves, e.g. ``{"big_memory": 1}``.
         max_retries: how often Ray re-runs a task whose worker died (our choice: 0, like the local pool: the
             run is reported ``failed`` and running the study again retries it, resuming from its checkpoint).
         runtime_env: a Ray runtime environment for the tasks (e.g. to ship taskbalance to a cluster).
         run: the function each task calls (default :func:`~taskbalance.bench.runner.execute`); it must be
             importable on the workers and return a :class:`RunResult` without raising.
+
+    Attributes:
+        node_ip_address: the node address of the local Ray this executor started (``None`` otherwise).
     """
 
     def __init__(
@@ -164,9 +169,9 @@ class RayExecutor(Executor):
         """Initialise Ray unless it already is (then it is used as it is and never shut down by us)."""
         ray = _import_ray()
         if ray.is_initialized():
-            self.node_ip_address = ray.util.get_node_ip_address()
             return
-        common: dict[str, Any] = {"logging_level": "WARNING", "log_to_driver": True}
+        client = self.address is not None and self.address.startswith("ray://")  # Ray Client: fewer options
+        common: dict[str, Any] = {} if client else {"logging_level": "WARNING", "log_to_driver": True}
         if self.runtime_env is not None:
             common["runtime_env"] = self.runtime_env
         if self.address is None:
@@ -182,8 +187,10 @@ class RayExecutor(Executor):
         else:
             ray.init(address=self.address, **common)
         self._started = True
+        if self.address is not None:
+            return
         self.node_ip_address = ray.util.get_node_ip_address()
-        if self.address is None and not ipaddress.ip_address(self.node_ip_address).is_loopback:
+        if not ipaddress.ip_address(self.node_ip_address).is_loopback:
             import warnings
 
             warnings.warn(
