@@ -261,7 +261,8 @@ def plot_cost_vs_delta_m(section: Section, path: Path) -> Path | str:
         axes.axvline(
             baseline.ms_per_step, color="#999999", linewidth=0.8, linestyle=":", label="single-task ms/step"
         )
-    for view in views:
+    by_cost = sorted(views, key=lambda v: v.summary.ms_per_step)
+    for rank, view in enumerate(by_cost):  # labels alternate above/below so close neighbours stay readable
         x, y = view.summary.ms_per_step, view.delta_m
         colour = WORSE if y > 0 else BETTER
         if view.has_ci:
@@ -276,7 +277,8 @@ def plot_cost_vs_delta_m(section: Section, path: Path) -> Path | str:
             )
         else:
             axes.plot(x, y, "o", color=colour, markerfacecolor="white")
-        axes.annotate(view.label, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+        offset = (6, 5) if rank % 2 == 0 else (6, -13)
+        axes.annotate(view.label, (x, y), textcoords="offset points", xytext=offset, fontsize=8)
     axes.margins(x=0.18)
     axes.set_xlabel("cost: ms per training step (mean over seeds)")
     axes.set_ylabel("Δm % (lower is better)")
