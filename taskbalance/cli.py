@@ -35,7 +35,7 @@ _KINDS = ("regression", "binary", "multiclass")
 def _console(stderr: bool = False) -> Console:
     console = Console(stderr=stderr)
     if not console.is_terminal:
-        console = Console(stderr=stderr, width=200)
+        console = Console(stderr=stderr, width=240)
     return console
 
 

@@ -29,14 +29,20 @@ def _fmt(value: float, digits: int = 4) -> str:
 
 
 def _pm(mean: float, std: float) -> str:
-    return _fmt(mean) if not math.isfinite(std) else f"{_fmt(mean)} ± {_fmt(std, 2)}"
+    return _fmt(mean) if not math.isfinite(std) else f"{_fmt(mean)}±{_fmt(std, 2)}"
+
+
+def _signed(value: float) -> str:
+    return "–" if value is None or not math.isfinite(value) else f"{value:+.2f}"
 
 
 def _metric_row(item: MethodSummary, names: list[str]) -> list[str]:
     cells = [item.label, str(item.seeds)]
     cells += [_pm(item.metric_mean[n], item.metric_std[n]) for n in names]
     if item.transfer is not None:
-        cells.append(_pm(item.transfer.delta_m, item.transfer.delta_m_std))
+        spread = item.transfer.delta_m_std
+        delta = _signed(item.transfer.delta_m)
+        cells.append(delta if not math.isfinite(spread) else f"{delta}±{_fmt(spread, 2)}")
     else:
         cells.append("0 (ref)" if item.method == "stl" else "–")
     cells.append(_fmt(item.ms_per_step, 3))
@@ -53,10 +59,10 @@ def render_summary(summary: StudySummary, console: Any, *, title: str = "") -> N
     metrics.add_column("seeds", justify="right")
     for task in summary.tasks:
         arrow = "↑" if task.higher_is_better else "↓"
-        unit = f" [{task.unit}]" if task.unit else ""
+        unit = f" ({task.unit})" if task.unit else ""  # parentheses: square brackets are rich markup
         aux = " (aux)" if task.role == "auxiliary" else ""
-        metrics.add_column(f"{task.name}{aux}\n{task.metric}{unit} {arrow}", justify="right")
-    metrics.add_column("Δm% ↓", justify="right")
+        metrics.add_column(f"{task.name}{aux}\n{task.metric}{unit} {arrow}", justify="right", no_wrap=True)
+    metrics.add_column("Δm% ↓", justify="right", no_wrap=True)
     metrics.add_column("ms/step", justify="right")
     if summary.baseline is not None:
         metrics.add_row(*_metric_row(summary.baseline, names))
@@ -81,7 +87,7 @@ def render_summary(summary: StudySummary, console: Any, *, title: str = "") -> N
             for task in shown:
                 entry = item.transfer.tasks[task.name]
                 mark = VERDICT_MARKS.get(entry.verdict or "", "")
-                cells.append(f"{_fmt(entry.relative_change, 3)} {mark}")
+                cells.append(f"{_signed(entry.relative_change)} {mark}")
             counts = item.transfer.verdict_counts()
             cells.append(
                 f"{counts.get('negative transfer', 0)} / {counts.get('no significant difference', 0)} / "
