@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) examples/quickstart.py
+	$(PY) -m taskbalance.cli bench --suite demo --out runs/demo
 
 # The report's render test opens the HTML in headless Chromium through /usr/bin/chromedriver (Debian packages
 # chromium, chromium-driver): installed here where apt-get is available (as root or with sudo), else that one
