@@ -392,6 +392,15 @@ def export_command(
     _console().print(f"wrote {path}")
 
 
+def _mount_diagnose() -> None:
+    from .diagnostics.cli_diagnose import diagnose
+
+    app.command("diagnose")(diagnose)
+
+
+_mount_diagnose()
+
+
 def main() -> None:
     """Console-script entry point."""
     app()
