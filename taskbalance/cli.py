@@ -214,7 +214,8 @@ def bench_command(
         Path | None, typer.Option(help="study directory (results.sqlite); default runs/<name>")
     ] = None,
     workers: Annotated[
-        int | None, typer.Option(min=1, help="processes (default: all cores; 1 = serial)")
+        int | None,
+        typer.Option(min=1, help="processes, or a local Ray's CPUs (default: all cores; 1 = serial)"),
     ] = None,
     executor: Annotated[
         str, typer.Option(help="where runs execute: local (processes), serial (this process), ray")
