@@ -319,9 +319,14 @@ class GradientBalancer(Balancer):
         on_nonfinite: see :class:`Balancer`.
 
     A subclass implements :meth:`aggregate`.
+
+    Set ``balancer.record_gramian = True`` to put the ``k × k`` Gramian ``J Jᵀ`` of the present tasks in
+    ``record.extras["gramian"]`` every step (one small matmul), which
+    :class:`taskbalance.diagnostics.ConflictMonitor` reads for free with ``observe_record``.
     """
 
     scale_heads: ClassVar[bool] = True
+    record_gramian: bool = False
 
     def __init__(
         self,
@@ -424,6 +429,8 @@ class GradientBalancer(Balancer):
             self._backward_heads(scaled_roots, aggregation, heads)
             accumulate_grad(shared_list, direction)
         weights = batch.values.new_zeros(self.num_tasks).index_copy(0, index, aggregation.weights.to(roots.dtype))
+        if self.record_gramian and "gramian" not in aggregation.extras:
+            aggregation.extras["gramian"] = (jacobian @ jacobian.T).detach()
         return self._record(batch, weights, aggregation.extras)
 
     def _aggregate_guarded(self, jacobian: Tensor, losses: Tensor, index: Tensor) -> Aggregation:
