@@ -50,9 +50,12 @@ class SharedMLP(nn.Module):
     def __init__(self, tasks: list[str], hidden: int, in_features: int = 64) -> None:
         super().__init__()
         self.trunk = nn.Sequential(
-            nn.Linear(in_features, hidden), nn.ReLU(),
-            nn.Linear(hidden, hidden), nn.ReLU(),
-            nn.Linear(hidden, hidden), nn.ReLU(),
+            nn.Linear(in_features, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(),
         )
         self.heads = nn.ModuleDict({t: nn.Linear(hidden, 1) for t in tasks})
 
@@ -165,7 +168,9 @@ def peak_memory_mb(step: Callable[[], None]) -> float:
     return peak / 2**20
 
 
-def run(config: str, methods: list[str], rounds: int, steps: int, with_torchjd: bool, memory: bool) -> list[dict]:
+def run(
+    config: str, methods: list[str], rounds: int, steps: int, with_torchjd: bool, memory: bool
+) -> list[dict]:
     k, hidden = CONFIGS[config]
     tasks = [f"t{i}" for i in range(k)]
     variants = build_variants(tasks, hidden, methods, with_torchjd)
@@ -186,29 +191,46 @@ def run(config: str, methods: list[str], rounds: int, steps: int, with_torchjd: 
             ratios[label].append(ms / round_ms["plain sum"])
     rows = []
     for v in variants:
-        rows.append({
-            "config": config, "tasks": k, "hidden": hidden, "variant": v.label, "kind": v.kind, "method": v.method,
-            "ms_per_step": statistics.median(times[v.label]), "ratio": statistics.median(ratios[v.label]),
-            "peak_mb": peak_memory_mb(v.step) if memory else float("nan"),
-        })
+        rows.append(
+            {
+                "config": config,
+                "tasks": k,
+                "hidden": hidden,
+                "variant": v.label,
+                "kind": v.kind,
+                "method": v.method,
+                "ms_per_step": statistics.median(times[v.label]),
+                "ratio": statistics.median(ratios[v.label]),
+                "peak_mb": peak_memory_mb(v.step) if memory else float("nan"),
+            }
+        )
     return rows
 
 
 def print_table(rows: list[dict]) -> None:
     by_key = {(r["config"], r["kind"], r["method"]): r for r in rows}
-    print(f"\n{'cfg':<4}{'variant':<26}{'ms/step':>9}{'× plain':>9}{'peak MB':>9}{'TorchJD ×':>11}{'ours/TJD':>10}")
+    print(
+        f"\n{'cfg':<4}{'variant':<26}{'ms/step':>9}{'× plain':>9}{'peak MB':>9}"
+        f"{'TorchJD ×':>11}{'ours/TJD':>10}"
+    )
     for r in rows:
         tjd = by_key.get((r["config"], "torchjd", r["method"])) if r["kind"] == "ours" else None
         tjd_ratio = f"{tjd['ratio']:.2f}" if tjd else ""
         rel = f"{r['ratio'] / tjd['ratio']:.2f}" if tjd else ""
-        print(f"{r['config']:<4}{r['variant']:<26}{r['ms_per_step']:>9.2f}{r['ratio']:>9.2f}"
-              f"{r['peak_mb']:>9.1f}{tjd_ratio:>11}{rel:>10}")
+        print(
+            f"{r['config']:<4}{r['variant']:<26}{r['ms_per_step']:>9.2f}{r['ratio']:>9.2f}"
+            f"{r['peak_mb']:>9.1f}{tjd_ratio:>11}{rel:>10}"
+        )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--configs", default="a,b,c")
-    parser.add_argument("--methods", default="all", help="comma-separated registry names, 'loss', 'gradient' or 'all'")
+    parser.add_argument(
+        "--methods", default="all", help="comma-separated registry names, 'loss', 'gradient' or 'all'"
+    )
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--no-torchjd", action="store_true")
@@ -230,7 +252,10 @@ def main() -> None:
         except ImportError:
             print("torchjd not installed: comparing with the plain step only")
             with_torchjd = False
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, rounds={args.rounds}, steps={args.steps}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"rounds={args.rounds}, steps={args.steps}"
+    )
     rows: list[dict] = []
     for config in args.configs.split(","):
         rows += run(config.strip(), methods, args.rounds, args.steps, with_torchjd, not args.no_memory)

@@ -36,7 +36,9 @@ class Model(nn.Module):
         return z, {t: h(z).squeeze(-1) for t, h in self.heads.items()}
 
 
-def train(method: str, epochs: int, seed: int = 0, **hyperparameters: object) -> tuple[dict[str, float], tb.StepRecord]:
+def train(
+    method: str, epochs: int, seed: int = 0, **hyperparameters: object
+) -> tuple[dict[str, float], tb.StepRecord]:
     generator = torch.Generator().manual_seed(seed)
     x_train, y_train = make_data(2048, generator)
     x_val, y_val = make_data(512, generator)
@@ -55,7 +57,9 @@ def train(method: str, epochs: int, seed: int = 0, **hyperparameters: object) ->
             if balancer.needs_post_step_losses:
                 with torch.no_grad():
                     _, out = model(x_train[idx])
-                    balancer.after_step({t: ((out[t] - y_train[idx, i]) ** 2).mean() for i, t in enumerate(TASKS)})
+                    balancer.after_step(
+                        {t: ((out[t] - y_train[idx, i]) ** 2).mean() for i, t in enumerate(TASKS)}
+                    )
         balancer.end_epoch()
     with torch.no_grad():
         _, out = model(x_val)
@@ -70,7 +74,10 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=15)
     args = parser.parse_args()
     known = {m.name for m in tb.available()}
-    print(f"tasks {TASKS} with target scales {SCALES.tolist()}; validation MSE divided by scale² (lower is better)\n")
+    print(
+        f"tasks {TASKS} with target scales {SCALES.tolist()}; "
+        "validation MSE divided by scale² (lower is better)\n"
+    )
     print(f"{'method':<12}" + "".join(f"{t:>10}" for t in TASKS) + "   last-step weights")
     for method in args.methods.split(","):
         if method not in known:
@@ -78,7 +85,7 @@ def main() -> None:
             continue
         hyper: dict[str, object] = {"T": 1e4} if method == "bmtl" else {}
         relative, record = train(method, args.epochs, **hyper)
-        weights = ", ".join(f"{t}={w:.3g}" for t, w in zip(TASKS, record.weights.tolist()))
+        weights = ", ".join(f"{t}={w:.3g}" for t, w in zip(TASKS, record.weights.tolist(), strict=True))
         print(f"{method:<12}" + "".join(f"{relative[t]:>10.4f}" for t in TASKS) + f"   {weights}")
 
 

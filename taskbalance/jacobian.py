@@ -84,7 +84,7 @@ def _batched_grads(
         )
     return [
         g if g is not None else torch.zeros((k, *x.shape), dtype=x.dtype, device=x.device)
-        for g, x in zip(grads, inputs)
+        for g, x in zip(grads, inputs, strict=True)
     ]
 
 
@@ -116,12 +116,12 @@ def feature_jacobian(
 
 def _split_like(flat: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
     sizes = [t.numel() for t in like]
-    return [piece.view_as(t) for piece, t in zip(torch.split(flat, sizes), like)]
+    return [piece.view_as(t) for piece, t in zip(torch.split(flat, sizes), like, strict=True)]
 
 
 def accumulate_grad(parameters: Sequence[Tensor], flat_grad: Tensor) -> None:
     """Add a flat gradient (layout of :func:`parameter_jacobian`) into ``.grad`` of ``parameters``."""
-    for parameter, piece in zip(parameters, _split_like(flat_grad, parameters)):
+    for parameter, piece in zip(parameters, _split_like(flat_grad, parameters), strict=True):
         piece = piece.to(parameter.dtype)
         if parameter.grad is None:
             parameter.grad = piece.clone()

@@ -46,7 +46,7 @@ class StepRecord:
         weights = self.weights.detach().cpu().tolist()
         losses = self.losses.detach().cpu().tolist()
         out: dict[str, float] = {}
-        for name, w, value in zip(self.tasks, weights, losses):
+        for name, w, value in zip(self.tasks, weights, losses, strict=True):
             out[f"weight/{name}"] = float(w)
             out[f"loss/{name}"] = float(value)
         return out

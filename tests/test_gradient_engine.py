@@ -15,7 +15,9 @@ class UnitWeights(GradientBalancer):
         return Aggregation(weights=torch.ones_like(losses), extras={"gramian": jacobian @ jacobian.T})
 
 
-UnitWeights.info = MethodInfo("unit-test", "gradient", frozenset({"losses", "jacobian"}), "yes", "-", "-", UnitWeights)
+UnitWeights.info = MethodInfo(
+    "unit-test", "gradient", frozenset({"losses", "jacobian"}), "yes", "-", "-", UnitWeights
+)
 
 
 def grads_of(model):

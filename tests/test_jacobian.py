@@ -1,7 +1,7 @@
 """The Jacobian engine equals a naive loop of autograd.grad calls."""
 
-import torch
 import pytest
+import torch
 from toy import ToyMultiTask, toy_batch, toy_losses
 
 from taskbalance.jacobian import (
@@ -18,8 +18,14 @@ def naive_rows(losses, inputs):
     rows = []
     for loss in losses:
         grads = torch.autograd.grad(loss, inputs, retain_graph=True, allow_unused=True)
-        rows.append(torch.cat([(g if g is not None else torch.zeros_like(x)).reshape(-1)
-                               for g, x in zip(grads, inputs)]))
+        rows.append(
+            torch.cat(
+                [
+                    (g if g is not None else torch.zeros_like(x)).reshape(-1)
+                    for g, x in zip(grads, inputs, strict=True)
+                ]
+            )
+        )
     return torch.stack(rows)
 
 

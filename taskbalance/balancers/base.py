@@ -172,12 +172,13 @@ class Balancer(nn.Module):
         )
         if batch.values.device != self._device_anchor.device:
             self.to(batch.values.device)
-        self._grad_scale = self._scale_of(scaler, batch.values.device)
+        # plain attribute writes: nn.Module.__setattr__ costs microseconds on every step
+        object.__setattr__(self, "_grad_scale", self._scale_of(scaler, batch.values.device))
         try:
             record = self._step(batch, shared=shared, features=features)
         finally:
-            self._grad_scale = None
-        self.step_count += 1
+            object.__setattr__(self, "_grad_scale", None)
+        object.__setattr__(self, "step_count", self.step_count + 1)
         return record
 
     def _scale_of(self, scaler: Any, device: torch.device) -> Tensor | None:
@@ -203,7 +204,9 @@ class Balancer(nn.Module):
         if self.needs_post_step_losses:
             if self._reducer is not None:
                 losses = self._reducer.globalize_losses(losses, self.tasks)
-            batch = collect_losses(losses, self.tasks, self._task_index, self.on_nonfinite, method=self.info.name)
+            batch = collect_losses(
+                losses, self.tasks, self._task_index, self.on_nonfinite, method=self.info.name
+            )
             self._on_post_step_losses(batch)
 
     # ------------------------------------------------------------------ for subclasses
@@ -346,7 +349,9 @@ class GradientBalancer(Balancer):
                 f"features: {', '.join(_feature_methods())}"
             )
         if gradients == "parameters" and level == "only":
-            raise ValueError(f"{self.info.name} is defined only on feature-level gradients; use gradients='features'")
+            raise ValueError(
+                f"{self.info.name} is defined only on feature-level gradients; use gradients='features'"
+            )
         self.gradients: GradientLevel = gradients
         self._index_cache: dict[tuple[int, ...], Tensor] = {}
 
@@ -378,7 +383,9 @@ class GradientBalancer(Balancer):
     ) -> StepRecord:
         roots = batch.present_values
         if not roots.requires_grad:
-            raise RuntimeError("none of the given losses requires grad; compute them from the model under autograd")
+            raise RuntimeError(
+                "none of the given losses requires grad; compute them from the model under autograd"
+            )
         index = self._index_tensor(batch.index, roots.device)
         shared_list = [p for p in shared if p.requires_grad] if shared is not None else None
         scale, reducer = self._grad_scale, self._reducer
@@ -397,7 +404,8 @@ class GradientBalancer(Balancer):
         else:
             if shared_list is None:
                 raise ValueError(
-                    f"{self.info.name} needs the shared parameters: backward(losses, shared=model.trunk.parameters())"
+                    f"{self.info.name} needs the shared parameters: "
+                    "backward(losses, shared=model.trunk.parameters())"
                     + (", or gradients='features' with features=z" if self.info.feature_level != "no" else "")
                 )
             if not shared_list:
@@ -428,7 +436,9 @@ class GradientBalancer(Balancer):
             heads = reachable_leaves([roots], exclude=shared_list)
             self._backward_heads(scaled_roots, aggregation, heads)
             accumulate_grad(shared_list, direction)
-        weights = batch.values.new_zeros(self.num_tasks).index_copy(0, index, aggregation.weights.to(roots.dtype))
+        weights = batch.values.new_zeros(self.num_tasks).index_copy(
+            0, index, aggregation.weights.to(roots.dtype)
+        )
         if self.record_gramian and "gramian" not in aggregation.extras:
             aggregation.extras["gramian"] = (jacobian @ jacobian.T).detach()
         return self._record(batch, weights, aggregation.extras)

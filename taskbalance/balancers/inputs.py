@@ -19,7 +19,9 @@ NonFinitePolicy = Literal["raise", "skip", "propagate"]
 def validate_tasks(tasks: Sequence[str]) -> tuple[str, ...]:
     """Check a task list: non-empty, strings, unique. Returns it as a tuple."""
     if isinstance(tasks, str):
-        raise TaskError(f"tasks must be a sequence of names, got the single string {tasks!r}; wrap it: [{tasks!r}]")
+        raise TaskError(
+            f"tasks must be a sequence of names, got the single string {tasks!r}; wrap it: [{tasks!r}]"
+        )
     names = tuple(tasks)
     if not names:
         raise TaskError("a balancer needs at least one task; got an empty task list")
@@ -103,7 +105,7 @@ def collect_losses(
     if not names:
         raise TaskError(f"no task losses given; expected some of {', '.join(repr(t) for t in tasks)}")
     values = [losses[n] for n in names]
-    for name, value in zip(names, values):
+    for name, value in zip(names, values, strict=True):
         if not isinstance(value, Tensor):
             raise TypeError(f"loss of task {name!r} must be a torch.Tensor, got {type(value).__name__}")
         if value.dim() != 0:
@@ -121,14 +123,16 @@ def collect_losses(
         if needs_positive:
             problem = problem | (detached < 0)
         if bool(problem.any()):  # the one host read per step; on_nonfinite="propagate" avoids it
-            names, values, stacked = _drop_bad(names, values, detached, skipped, on_nonfinite, needs_positive, method)
+            names, values, stacked = _drop_bad(
+                names, values, detached, skipped, on_nonfinite, needs_positive, method
+            )
     k = len(tasks)
     index = [task_index[n] for n in names]
     if len(index) == k:
         full = stacked
     else:
         zero = stacked.new_zeros(())
-        by_name = dict(zip(names, values))
+        by_name = dict(zip(names, values, strict=True))
         full = torch.stack([by_name.get(t, zero) for t in tasks])
     return TaskLosses(full, _mask(index, k, stacked.device), index, stacked, skipped)
 
@@ -144,10 +148,10 @@ def _drop_bad(
 ) -> tuple[list[str], list[Tensor], Tensor]:
     """Slow path, taken only when some loss is bad: raise, or drop non-finite tasks from the step."""
     host = detached.cpu().tolist()
-    bad = [n for n, v in zip(names, host) if v != v or v in (float("inf"), float("-inf"))]
+    bad = [n for n, v in zip(names, host, strict=True) if v != v or v in (float("inf"), float("-inf"))]
     if bad and on_nonfinite == "raise":
         raise NonFiniteLossError(bad)
-    negative = [n for n, v in zip(names, host) if n not in bad and v < 0]
+    negative = [n for n, v in zip(names, host, strict=True) if n not in bad and v < 0]
     if needs_positive and negative:
         raise ValueError(
             f"{method or 'this method'} takes the logarithm of each loss, but task(s) "
