@@ -131,7 +131,7 @@ def make(name: str, tasks: Sequence[str], **hyperparameters: Any) -> Balancer:
         TypeError: a hyperparameter the method does not take (the valid ones are listed).
     """
     info = method_info(name)
-    parameters = inspect.signature(info.cls.__init__).parameters
+    parameters = inspect.signature(info.cls).parameters
     valid = [p for p in parameters if p not in ("self", "tasks")]
     accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
     unknown = [k for k in hyperparameters if k not in valid]

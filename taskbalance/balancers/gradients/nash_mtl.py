@@ -41,6 +41,8 @@ class NashMTL(GradientBalancer):
     ``feature_level = "no"``: LibMTL refuses ``rep_grad`` and the paper reports it hurts badly.
     """
 
+    alpha: Tensor
+
     scale_heads = True
 
     def __init__(

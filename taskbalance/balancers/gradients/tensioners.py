@@ -71,6 +71,11 @@ class TaskTensioners(GradientBalancer):
     State (window, counts, previous sums) lives in buffers and round-trips through ``state_dict``.
     """
 
+    norm_window: Tensor
+    norm_count: Tensor
+    previous_sum: Tensor
+    has_previous: Tensor
+
     scale_heads = False
 
     def __init__(
