@@ -116,7 +116,7 @@ def build_variants(tasks: list[str], hidden: int, methods: list[str], with_torch
 def _ours(name, family, level, tasks, fresh, losses_of) -> Variant:
     model, _ = fresh()
     kwargs = EXTRA_KWARGS.get(name, lambda t: {})(tasks)
-    if family == "gradient":
+    if family == "gradient" and not name.endswith("-ub"):  # the "-ub" variants fix their own level
         kwargs["gradients"] = level
     balancer = tb.make(name, tasks, **kwargs)
     opt = torch.optim.SGD([*model.parameters(), *balancer.parameters()], lr=1e-3)

@@ -119,12 +119,16 @@ def _split_like(flat: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
     return [piece.view_as(t) for piece, t in zip(torch.split(flat, sizes), like, strict=True)]
 
 
-def accumulate_grad(parameters: Sequence[Tensor], flat_grad: Tensor) -> None:
-    """Add a flat gradient (layout of :func:`parameter_jacobian`) into ``.grad`` of ``parameters``."""
+def accumulate_grad(parameters: Sequence[Tensor], flat_grad: Tensor, *, owned: bool = False) -> None:
+    """Add a flat gradient (layout of :func:`parameter_jacobian`) into ``.grad`` of ``parameters``.
+
+    With ``owned=True`` the caller hands ``flat_grad`` over (nothing else holds it), so parameters without a
+    gradient get views of it instead of copies.
+    """
     for parameter, piece in zip(parameters, _split_like(flat_grad, parameters), strict=True):
         piece = piece.to(parameter.dtype)
         if parameter.grad is None:
-            parameter.grad = piece.clone()
+            parameter.grad = piece if owned and piece.dtype == flat_grad.dtype else piece.clone()
         else:
             parameter.grad.add_(piece)
 

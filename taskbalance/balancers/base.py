@@ -435,7 +435,7 @@ class GradientBalancer(Balancer):
             assert shared_list is not None  # checked above
             heads = reachable_leaves([roots], exclude=shared_list)
             self._backward_heads(scaled_roots, aggregation, heads)
-            accumulate_grad(shared_list, direction)
+            accumulate_grad(shared_list, direction, owned=aggregation.direction is None)
         weights = batch.values.new_zeros(self.num_tasks).index_copy(
             0, index, aggregation.weights.to(roots.dtype)
         )
