@@ -39,7 +39,8 @@ def central_direction_weights(gram: Tensor) -> tuple[Tensor, Tensor]:
     family="gradient",
     feature_level="no",
     paper="Nakamura, Wolf & Grassi, 'Leveraging convergence behavior to balance conflicting tasks in "
-    "multi-task learning', Neurocomputing 511, 2022 (arXiv:2204.06698); official code tiemink/MTL_TaskTensioner",
+    "multi-task learning', Neurocomputing 511, 2022 (arXiv:2204.06698); "
+    "official code tiemink/MTL_TaskTensioner",
     description="Central (equal-cosine) direction plus convergence-driven tension towards each task.",
 )
 class TaskTensioners(GradientBalancer):
