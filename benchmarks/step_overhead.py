@@ -31,6 +31,8 @@ import taskbalance as tb
 
 CONFIGS = {"a": (3, 256), "b": (11, 256), "c": (3, 1024)}
 EXTRA_KWARGS: dict[str, Callable[[list[str]], dict]] = {"hydalearn": lambda tasks: {"main": tasks[0]}}
+# extra variants worth timing: registry name -> (label suffix, hyperparameters)
+EXTRA_VARIANTS: dict[str, list[tuple[str, dict]]] = {"famo": [("next batch", {"loss_change": "next_batch"})]}
 # our registry name -> TorchJD aggregator factory (k tasks)
 TORCHJD = {
     "mgda": lambda k, agg: agg.MGDA(),
@@ -106,6 +108,8 @@ def build_variants(tasks: list[str], hidden: int, methods: list[str], with_torch
             levels = ["features"]
         for level in levels:
             variants.append(_ours(name, info.family, level, tasks, fresh, losses_of))
+        for suffix, hyper in EXTRA_VARIANTS.get(name, []):
+            variants.append(_ours(name, info.family, "parameters", tasks, fresh, losses_of, hyper, suffix))
         if with_torchjd and name in TORCHJD:
             variants.append(_torchjd(name, tasks, fresh, losses_of))
     if with_torchjd:
@@ -113,9 +117,9 @@ def build_variants(tasks: list[str], hidden: int, methods: list[str], with_torch
     return variants
 
 
-def _ours(name, family, level, tasks, fresh, losses_of) -> Variant:
+def _ours(name, family, level, tasks, fresh, losses_of, hyper=None, suffix="") -> Variant:
     model, _ = fresh()
-    kwargs = EXTRA_KWARGS.get(name, lambda t: {})(tasks)
+    kwargs = {**EXTRA_KWARGS.get(name, lambda t: {})(tasks), **(hyper or {})}
     if family == "gradient" and not name.endswith("-ub"):  # the "-ub" variants fix their own level
         kwargs["gradients"] = level
     balancer = tb.make(name, tasks, **kwargs)
@@ -135,6 +139,8 @@ def _ours(name, family, level, tasks, fresh, losses_of) -> Variant:
     label = name if level == "parameters" or family == "loss" else f"{name} (features)"
     if name.endswith("-ub") or family == "loss":
         label = name
+    if suffix:
+        return Variant(f"{name} ({suffix})", step, "ours-variant", name)
     return Variant(label, step, "ours", name)
 
 

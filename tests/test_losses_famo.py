@@ -122,3 +122,23 @@ def test_min_losses_shift_the_logarithm_per_task():
 def test_bad_hyperparameters_are_rejected(kwargs, match):
     with pytest.raises(ValueError, match=match):
         taskbalance.make("famo", TASKS, **kwargs)
+
+
+def test_next_batch_mode_needs_no_extra_forward_and_updates_logits_from_the_next_losses():
+    """Our extension: δ is measured between consecutive steps' losses instead of a re-evaluated batch."""
+    import taskbalance as tb
+
+    tasks = ["a", "b"]
+    lagged = tb.make("famo", tasks, loss_change="next_batch", logit_optimizer="sgd", w_lr=0.5, gamma=0.0)
+    paper = tb.make("famo", tasks, logit_optimizer="sgd", w_lr=0.5, gamma=0.0)
+    assert not lagged.needs_post_step_losses and paper.needs_post_step_losses
+    first = [torch.tensor(2.0, requires_grad=True), torch.tensor(1.0, requires_grad=True)]
+    second = [torch.tensor(1.0, requires_grad=True), torch.tensor(0.9, requires_grad=True)]
+    lagged.backward(dict(zip(tasks, first, strict=True)))
+    lagged.after_step(dict(zip(tasks, second, strict=True)))  # a no-op in this mode
+    assert torch.equal(lagged.logits, torch.zeros(2))
+    lagged.backward(dict(zip(tasks, second, strict=True)))
+    paper.backward(dict(zip(tasks, first, strict=True)))
+    paper.after_step({t: v.detach() for t, v in zip(tasks, second, strict=True)})
+    torch.testing.assert_close(lagged.logits, paper.logits)
+    assert not torch.equal(lagged.logits, torch.zeros(2))

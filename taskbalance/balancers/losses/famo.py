@@ -44,6 +44,11 @@ class FAMO(LossBalancer):
     counts are buffers, so they round-trip through ``state_dict()`` and move with ``.to()``; the Adam update
     is written out on-device (same formula as ``torch.optim.Adam``, no host reads).
 
+    ``loss_change="next_batch"`` (**our extension**, not in the paper) saves the extra forward pass: the loss
+    change is measured between this step's losses and the *next* step's (a new batch), so the logit update
+    lags one step and carries the batch-to-batch noise of the losses; ``needs_post_step_losses`` is then
+    false and ``after_step`` is a no-op. The default ``"same_batch"`` is the paper's rule.
+
     Defaults: ``w_lr=0.025``, ``gamma=1e-3`` (paper, LibMTL), ``min_losses=0`` (LibMTL). Adam's
     ``betas=(0.9, 0.999)`` and ``eps=1e-8`` are PyTorch's defaults, as in the official code.
 
@@ -59,10 +64,10 @@ class FAMO(LossBalancer):
         min_losses: lower bounds ``L^min``: one float for all tasks or ``{task: bound}``.
         logit_optimizer: ``"adam"`` or ``"sgd"``.
         betas, adam_eps: Adam's coefficients.
+        loss_change: ``"same_batch"`` (paper: needs ``after_step``) or ``"next_batch"`` (no extra forward).
         on_nonfinite: see :class:`~taskbalance.Balancer`.
     """
 
-    needs_post_step_losses = True
     takes_log_of_losses = True
     extra_state_fields = ("awaiting_post_step",)
     eps = 1e-8
@@ -84,6 +89,7 @@ class FAMO(LossBalancer):
         logit_optimizer: LogitOptimizer = "adam",
         betas: tuple[float, float] = (0.9, 0.999),
         adam_eps: float = 1e-8,
+        loss_change: Literal["same_batch", "next_batch"] = "same_batch",
         on_nonfinite: NonFinitePolicy = "raise",
     ) -> None:
         super().__init__(tasks, on_nonfinite=on_nonfinite)
@@ -106,6 +112,9 @@ class FAMO(LossBalancer):
             bounds = [float(min_losses)] * self.num_tasks
         if not all(math.isfinite(b) for b in bounds):
             raise ValueError(f"min_losses must be finite, got {bounds}")
+        if loss_change not in ("same_batch", "next_batch"):
+            raise ValueError(f"loss_change must be 'same_batch' or 'next_batch', got {loss_change!r}")
+        self.loss_change = loss_change
         self.w_lr = w_lr
         self.gamma = gamma
         self.logit_optimizer: LogitOptimizer = logit_optimizer
@@ -121,6 +130,11 @@ class FAMO(LossBalancer):
         self.register_buffer("pre_step_log_losses", torch.zeros(k))
         self.register_buffer("pre_step_present", torch.zeros(k, dtype=torch.bool))
 
+    @property
+    def needs_post_step_losses(self) -> bool:  # type: ignore[override]
+        """True for the paper's rule (re-evaluate the same batch after the step), false for ``next_batch``."""
+        return self.loss_change == "same_batch"
+
     def task_weights(self) -> Tensor:
         """``z = softmax(ξ)`` over all tasks."""
         return torch.softmax(self.logits, dim=0)
@@ -130,6 +144,8 @@ class FAMO(LossBalancer):
         return torch.where(present, gap, torch.ones_like(gap))
 
     def objective(self, losses: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
+        if self.loss_change == "next_batch" and self.awaiting_post_step:
+            self._update_logits(losses.detach(), present)
         shifted = self._shifted(losses, present)
         z = torch.where(present, self.task_weights().to(losses.dtype), torch.zeros_like(losses))
         scaled = z / shifted.detach()
@@ -145,8 +161,12 @@ class FAMO(LossBalancer):
     def _on_post_step_losses(self, batch: TaskLosses) -> None:
         if not self.awaiting_post_step:
             raise RuntimeError("famo.after_step(losses) must follow balancer.backward(...) on the same batch")
-        both = self.pre_step_present & batch.present
-        log_after = torch.log(self._shifted(batch.values.detach(), batch.present)).to(self.logits.dtype)
+        self._update_logits(batch.values.detach(), batch.present)
+
+    def _update_logits(self, values: Tensor, present: Tensor) -> None:
+        """One logit step from the loss change between the stored pre-step losses and ``values``."""
+        both = self.pre_step_present & present
+        log_after = torch.log(self._shifted(values, present)).to(self.logits.dtype)
         delta = torch.where(both, self.pre_step_log_losses - log_after, torch.zeros_like(log_after))
         z = torch.softmax(torch.where(both, self.logits, -math.inf), dim=0)
         gradient = z * (delta - (z * delta).sum()) + self.gamma * self.logits  # J_softmaxᵀ δ + γ ξ
