@@ -35,6 +35,7 @@ import hashlib
 import importlib.util
 import os
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -230,6 +231,7 @@ def load_qm9(
     fractions: Sequence[float] = (0.8, 0.1, 0.1),
     seed: int = 0,
     tasks: Sequence[str] | None = None,
+    target: str | None = None,
     source: str | os.PathLike[str] | None = None,
     use_cache: bool = True,
 ) -> MultiTaskData:
@@ -242,6 +244,9 @@ def load_qm9(
         fractions: train / val / test fractions of the chosen molecules.
         seed: seed of the subset and split draw (not of training).
         tasks: a subset of the 11 task names, in the order given (default: all, Nash-MTL order).
+        target: an auxiliary-task study: this task keeps ``role="target"`` and every other chosen task gets
+            ``role="auxiliary"`` (scored out of Δm and verdicts, ignored by model selection). ``None``
+            (default): every task is a target.
         source: a folder with ``qm9_part{1,2,3}.csv`` in qm9pack's format (default: the installed wheel).
         use_cache: read and write the descriptor cache.
     """
@@ -252,6 +257,8 @@ def load_qm9(
     unknown = [t for t in chosen if t not in known]
     if unknown or not chosen or len(set(chosen)) != len(chosen):
         raise ValueError(f"tasks must be distinct names among {known}, got {chosen}")
+    if target is not None and target not in chosen:
+        raise ValueError(f"target must be one of the chosen tasks {chosen}, got {target!r}")
     arrays = qm9_arrays(source, use_cache=use_cache)
     n = len(arrays["x"])
     if protocol == "full":
@@ -264,6 +271,8 @@ def load_qm9(
         sizes = split_sizes(n if subset is None else int(subset), fractions)
     splits = split_indices(n, sizes, seed)
     by_name = {t.name: t for t in QM9_TASKS}
+    if target is not None:
+        by_name = {n: replace(t, role="target" if n == target else "auxiliary") for n, t in by_name.items()}
     return assemble(
         "qm9",
         [by_name[t] for t in chosen],
@@ -279,5 +288,6 @@ def load_qm9(
             "tasks": chosen,
             "molecules": n,
             "inputs": "coulomb-eigenvalues-29+element-counts-5",
+            **({"target": target} if target is not None else {}),
         },
     )
