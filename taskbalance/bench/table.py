@@ -62,7 +62,9 @@ def render_summary(summary: StudySummary, console: Any, *, title: str = "") -> N
         unit = f" ({task.unit})" if task.unit else ""  # parentheses: square brackets are rich markup
         aux = " (aux)" if task.role == "auxiliary" else ""
         metrics.add_column(f"{task.name}{aux}\n{task.metric}{unit} {arrow}", justify="right", no_wrap=True)
-    metrics.add_column("Δm% ↓", justify="right", no_wrap=True)
+    auxiliary = [t.name for t in summary.tasks if t.role == "auxiliary"]
+    targets_only = bool(auxiliary) and any(m.transfer and m.transfer.targets_only for m in summary.methods)
+    metrics.add_column("Δm% ↓ (targets)" if targets_only else "Δm% ↓", justify="right", no_wrap=True)
     metrics.add_column("ms/step", justify="right")
     if summary.baseline is not None:
         metrics.add_row(*_metric_row(summary.baseline, names))
@@ -70,6 +72,12 @@ def render_summary(summary: StudySummary, console: Any, *, title: str = "") -> N
         metrics.add_row(*_metric_row(item, names))
     console.print(metrics)
     console.print(summary.convention)
+    if targets_only:
+        target_names = ", ".join(t.name for t in summary.tasks if t.role == "target")
+        console.print(
+            f"Auxiliary-task study: Δm% and verdicts on the target task(s) only ({target_names}); "
+            f"the auxiliary task(s) {', '.join(auxiliary)} are shown but not scored."
+        )
 
     scored = [m for m in summary.methods if m.transfer is not None]
     if scored:
