@@ -375,8 +375,8 @@ def execute_forkmerge(spec: RunSpec, data: Any, *, started: str, clock: float) -
     for epoch in range(config.epochs):
         rows = []
         for step in range(epoch * steps_per_epoch, (epoch + 1) * steps_per_epoch):
-            entry = history[min(step // fm.merge_every, len(history) - 1)] if history else None
-            rows.append([float(entry["task_weights"][n]) if entry else math.nan for n in data.task_names])
+            merge = history[min(step // fm.merge_every, len(history) - 1)] if history else None
+            rows.append([float(merge["task_weights"][n]) if merge else math.nan for n in data.task_names])
         weights.append(rows)
     if folder is not None and folder.exists():
         shutil.rmtree(folder)
