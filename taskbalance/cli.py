@@ -205,7 +205,7 @@ def train_command(
 
 @app.command("bench")
 def bench_command(
-    suite: Annotated[str | None, typer.Option(help="a named suite: demo, quick")] = None,
+    suite: Annotated[str | None, typer.Option(help="a named suite: demo, quick, aux, aux-qm9")] = None,
     dataset: Annotated[str | None, typer.Option(help="a built-in dataset (instead of --suite)")] = None,
     methods: Annotated[str | None, typer.Option(help="comma-separated methods, e.g. ew,ema,pcgrad")] = None,
     seeds: Annotated[int | None, typer.Option(min=1, help="number of seeds (0..N-1)")] = None,
