@@ -59,8 +59,13 @@ class UPGrad(GradientBalancer):
     def aggregate(self, jacobian: Tensor, losses: Tensor, index: Tensor) -> Aggregation:
         gram = gramian(jacobian)
         k = gram.shape[0]
-        preferences = torch.eye(k, dtype=gram.dtype, device=gram.device) / k
+        preferences = self._preferences(k, gram)
         projected, converged = dual_cone_weights(
             gram, preferences, iters=self.iters, norm_eps=self.norm_eps, reg_eps=self.reg_eps
         )
-        return Aggregation(projected.sum(0).to(jacobian.dtype), extras={"solver_converged": converged.all()})
+        weights = projected.sum(0) if projected.dim() == 2 else projected
+        return Aggregation(weights.to(jacobian.dtype), extras={"solver_converged": converged.all()})
+
+    def _preferences(self, k: int, gram: Tensor) -> Tensor:
+        """The weight vectors projected onto the dual cone: ``e_i / k`` for every task (UPGrad)."""
+        return torch.eye(k, dtype=gram.dtype, device=gram.device) / k
