@@ -248,8 +248,11 @@ class RayExecutor(Executor):
                 for ref in ready:
                     yield self._result_of(ray, ref, refs[ref])
         finally:
-            for ref in remaining:  # queued tasks are dropped; running ones get KeyboardInterrupt
-                ray.cancel(ref, force=False)
+            # Queued tasks are dropped and running ones killed: force=True ends the worker process even when
+            # the run is inside a C call that a KeyboardInterrupt (force=False) would not reach — seen to leave
+            # both CPUs busy in a full test session. A killed run records nothing; the study re-runs it later.
+            for ref in remaining:
+                ray.cancel(ref, force=True)
             if owns_ray:
                 self.close()
 
