@@ -248,9 +248,9 @@ class RayExecutor(Executor):
                 for ref in ready:
                     yield self._result_of(ray, ref, refs[ref])
         finally:
-            # Queued tasks are dropped and running ones killed: force=True ends the worker process even when
-            # the run is inside a C call that a KeyboardInterrupt (force=False) would not reach — seen to leave
-            # both CPUs busy in a full test session. A killed run records nothing; the study re-runs it later.
+            # Queued tasks are dropped and running ones killed: force=True ends the worker process even
+            # inside a C call that a KeyboardInterrupt (force=False) would not reach (seen to leave both
+            # CPUs busy in a full test session). A killed run records nothing; the study re-runs it later.
             for ref in remaining:
                 ray.cancel(ref, force=True)
             if owns_ray:

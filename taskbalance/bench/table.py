@@ -17,7 +17,8 @@ VERDICT_MARKS = {
 }
 
 
-def _fmt(value: float, digits: int = 4) -> str:
+def format_value(value: float | None, digits: int = 4) -> str:
+    """A table cell: 4 significant digits, 2 decimals from 10, none from 1000; "–" if missing."""
     if value is None or not math.isfinite(value):
         return "–"
     magnitude = abs(value)
@@ -29,7 +30,7 @@ def _fmt(value: float, digits: int = 4) -> str:
 
 
 def _pm(mean: float, std: float) -> str:
-    return _fmt(mean) if not math.isfinite(std) else f"{_fmt(mean)}±{_fmt(std, 2)}"
+    return format_value(mean) if not math.isfinite(std) else f"{format_value(mean)}±{format_value(std, 2)}"
 
 
 def _signed(value: float) -> str:
@@ -42,10 +43,10 @@ def _metric_row(item: MethodSummary, names: list[str]) -> list[str]:
     if item.transfer is not None:
         spread = item.transfer.delta_m_std
         delta = _signed(item.transfer.delta_m)
-        cells.append(delta if not math.isfinite(spread) else f"{delta}±{_fmt(spread, 2)}")
+        cells.append(delta if not math.isfinite(spread) else f"{delta}±{format_value(spread, 2)}")
     else:
         cells.append("0 (ref)" if item.method == "stl" else "–")
-    cells.append(_fmt(item.ms_per_step, 3))
+    cells.append(format_value(item.ms_per_step, 3))
     return cells
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from ..bench.runner import RunSpec
 from ..bench.store import STORE_NAME, ResultsStore
-from ..bench.table import VERDICT_MARKS
+from ..bench.table import VERDICT_MARKS, format_value
 from .data import MethodView, Section, load_sections, relative_change_matrix
 from .plots import (
     plot_cost_vs_delta_m,
@@ -93,19 +93,8 @@ class ReportFiles:
 
 
 # ---------------------------------------------------------------------------------------------- formatting
-def _fmt(value: float | None, digits: int = 4) -> str:
-    if value is None or not math.isfinite(value):
-        return "–"
-    magnitude = abs(value)
-    if magnitude >= 1000:
-        return f"{value:.0f}"
-    if magnitude >= 10:
-        return f"{value:.2f}"
-    return f"{value:.{digits}g}"
-
-
 def _pm(mean: float, std: float) -> str:
-    return _fmt(mean) if not math.isfinite(std) else f"{_fmt(mean)} ± {_fmt(std, 2)}"
+    return format_value(mean) if not math.isfinite(std) else f"{format_value(mean)} ± {format_value(std, 2)}"
 
 
 def delta_m_css(view: MethodView) -> str:
@@ -165,8 +154,8 @@ def _summary_table(section: Section) -> Table:
                 Cell("0 (reference)"),
                 Cell("–"),
                 Cell("–"),
-                Cell(_fmt(baseline.ms_per_step, 3)),
-                Cell(_fmt(baseline.peak_memory_mb, 3)),
+                Cell(format_value(baseline.ms_per_step, 3)),
+                Cell(format_value(baseline.peak_memory_mb, 3)),
             ]
         )
     for view in section.methods:
@@ -178,7 +167,7 @@ def _summary_table(section: Section) -> Table:
         else:
             cells.append(Cell(_pm(item.transfer.delta_m, item.transfer.delta_m_std), delta_m_css(view)))
             if view.has_ci:
-                cells.append(Cell(f"[{_fmt(view.ci_low, 3)}, {_fmt(view.ci_high, 3)}]"))
+                cells.append(Cell(f"[{format_value(view.ci_low, 3)}, {format_value(view.ci_high, 3)}]"))
             else:
                 cells.append(Cell(f"no CI ({item.transfer.seeds} seed)"))
             counts = item.transfer.verdict_counts()
@@ -191,7 +180,7 @@ def _summary_table(section: Section) -> Table:
                     "neg" if neg else "",
                 )
             )
-        cells += [Cell(_fmt(item.ms_per_step, 3)), Cell(_fmt(item.peak_memory_mb, 3))]
+        cells += [Cell(format_value(item.ms_per_step, 3)), Cell(format_value(item.peak_memory_mb, 3))]
         rows.append(cells)
     return Table(headers, rows)
 
