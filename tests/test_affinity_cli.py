@@ -49,3 +49,18 @@ def test_diagnose_rejects_bad_input(app, tmp_path):
     assert bad_mode.exit_code == 2 and "first_order" in bad_mode.output
     bad_option = runner.invoke(app, [DATASET, "--option", "n", "--out", str(tmp_path)])
     assert bad_option.exit_code == 2 and "key=value" in bad_option.output
+
+
+def test_divergence_warning_flags_overshooting_affinities_only():
+    import math
+
+    import torch
+
+    from taskbalance.diagnostics.cli_diagnose import divergence_warning
+
+    sane = torch.tensor([[0.2, -0.3], [0.05, 0.4]])
+    assert divergence_warning(sane, lr=0.05) is None
+    exploded = torch.tensor([[0.2, -4.1e9], [0.05, 0.4]])
+    message = divergence_warning(exploded, lr=0.05)
+    assert message is not None and "4.1e+09" in message and "lr=0.05" in message
+    assert divergence_warning(torch.tensor([[math.nan, 0.1], [0.1, 0.2]]), lr=0.1) is not None

@@ -18,7 +18,9 @@ import math
 from pathlib import Path
 from typing import Annotated, Any
 
+import torch
 import typer
+from torch import Tensor
 
 from ..sinks import CSVSink, MultiSink, Sink, open_sink
 from .affinity import AffinityResult, compute_task_affinity, plot_affinity
@@ -142,5 +144,27 @@ def diagnose(
     except ImportError as error:
         typer.echo(f"(no plot: {error})", err=True)
     typer.echo(_report(result, summary))
+    warning = divergence_warning(result.matrix, lr)
+    if warning:
+        typer.echo(warning, err=True)
     typer.echo(f"\nWrote {', '.join(written)} to {out}")
     return result
+
+
+def divergence_warning(matrix: Tensor, lr: float, limit: float = 10.0) -> str | None:
+    """A warning when the affinities say the probe diverged, else ``None``.
+
+    An affinity is ``1 − L_after / L_before`` for one look-ahead step, so it is at most 1 and, for a sane
+    step, not far below −1. Magnitudes beyond ``limit`` (or non-finite values) mean the look-ahead step overshoots —
+    typically raw-unit targets with a large loss scale — and the matrix is not meaningful.
+    """
+    values = matrix.detach().reshape(-1)
+    finite = values[torch.isfinite(values)]
+    worst = float(finite.abs().max()) if finite.numel() else math.inf
+    if finite.numel() == values.numel() and worst <= limit:
+        return None
+    return (
+        f"Warning: affinities reach {worst:.3g} in magnitude (sane values lie within about [-1, 1]): the "
+        f"probe's look-ahead step (lr={lr}) overshoots or training diverged, so this matrix is not "
+        "meaningful. Lower --lr, or standardise the targets (large loss scales make the step huge)."
+    )
