@@ -154,9 +154,9 @@ def diagnose(
 def divergence_warning(matrix: Tensor, lr: float, limit: float = 10.0) -> str | None:
     """A warning when the affinities say the probe diverged, else ``None``.
 
-    An affinity is ``1 − L_after / L_before`` for one look-ahead step, so it is at most 1 and, for a sane
-    step, not far below −1. Magnitudes beyond ``limit`` (or non-finite values) mean the look-ahead step overshoots —
-    typically raw-unit targets with a large loss scale — and the matrix is not meaningful.
+    An affinity is ``1 − L_after / L_before`` for one look-ahead step: at most 1 and, for a sane step, not
+    far below −1. Magnitudes beyond ``limit`` (or non-finite values) mean the look-ahead step overshoots,
+    typically on raw-unit targets with a large loss scale, and the matrix is not meaningful.
     """
     values = matrix.detach().reshape(-1)
     finite = values[torch.isfinite(values)]
