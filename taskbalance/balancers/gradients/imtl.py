@@ -53,15 +53,6 @@ class IMTLG(GradientBalancer):
 
     scale_heads = False
 
-    def __init__(
-        self,
-        tasks: Sequence[str],
-        *,
-        gradients: GradientLevel = "parameters",
-        on_nonfinite: NonFinitePolicy = "raise",
-    ) -> None:
-        super().__init__(tasks, gradients=gradients, on_nonfinite=on_nonfinite)
-
     def aggregate(self, jacobian: Tensor, losses: Tensor, index: Tensor) -> Aggregation:
         weights = imtl_g_weights(gramian(jacobian), _rtol(jacobian, jacobian.shape[0]))
         return Aggregation(weights.to(jacobian.dtype))
