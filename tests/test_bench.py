@@ -12,7 +12,7 @@ from taskbalance.bench.store import ResultsStore
 from taskbalance.bench.study import Study, run_study, summarize
 from taskbalance.bench.suites import SUITES, MethodEntry, get_suite, parse_methods, split_available
 from taskbalance.bench.tiny import tiny_data
-from taskbalance.diagnostics import compare_to_baselines
+from taskbalance.diagnostics import compare_study
 from taskbalance.train import TrainConfig
 
 TRAIN = TrainConfig(epochs=2, batch_size=32, lr=1e-2)
@@ -20,8 +20,12 @@ TRAIN = TrainConfig(epochs=2, batch_size=32, lr=1e-2)
 
 def study(methods=("ew", "ema"), seeds=(0, 1), **data_options):
     return Study.from_suite(
-        get_suite("quick"), tiny_data(**data_options).tasks, methods=[MethodEntry(m, m) for m in methods],
-        seeds=list(seeds), dataset_options=data_options, train=TRAIN,
+        get_suite("quick"),
+        tiny_data(**data_options).tasks,
+        methods=[MethodEntry(m, m) for m in methods],
+        seeds=list(seeds),
+        dataset_options=data_options,
+        train=TRAIN,
     )
 
 
@@ -78,18 +82,23 @@ def test_summary_matches_the_transfer_statistics_of_the_stored_runs(tmp_path: Pa
     assert [t.name for t in summary.tasks] == ["a", "b", "c"]
     assert summary.baseline is not None and summary.baseline.seeds == 2
     assert [m.label for m in summary.methods] == ["ew", "ema"]
-    baselines = {}
+    baselines: dict[str, dict[int, float]] = {}
     for row in rows:
         if row["method"] == STL:
             task = row["hyperparameters"]["task"]
-            baselines.setdefault(task, []).append(row["metrics"][task])
-    ema_runs = [r["metrics"] for r in rows if r["method"] == "ema"]
-    expected = compare_to_baselines(ema_runs, baselines, tiny_data().tasks)
+            baselines.setdefault(task, {})[row["seed"]] = row["metrics"][task]
+    runs = {m: {r["seed"]: r["metrics"] for r in rows if r["method"] == m} for m in ("ew", "ema")}
+    study_comparison = compare_study(runs, baselines, tiny_data().tasks)  # one Holm family: 2 methods × 3
+    expected = study_comparison.methods["ema"]
+    assert summary.correction_text == study_comparison.correction_text and "Holm" in summary.correction_text
     ema = summary.methods[1]
     assert ema.transfer is not None
     assert ema.transfer.delta_m == pytest.approx(expected.delta_m)
-    verdicts = {n: t.verdict for n, t in ema.transfer.tasks.items()}
-    assert verdicts == {n: t.verdict for n, t in expected.tasks.items()}
+    assert {n: t.verdict for n, t in ema.transfer.tasks.items()} == {
+        n: t.verdict for n, t in expected.tasks.items()
+    }
+    for name, entry in expected.tasks.items():
+        assert ema.transfer.tasks[name].p_adjusted == pytest.approx(entry.p_adjusted, nan_ok=True)
     assert ema.ms_per_step > 0 and ema.seeds == 2
     assert summary.failed == [] and summary.unfinished == 0
 
@@ -126,7 +135,16 @@ def test_make_executor_and_bad_worker_counts():
 def test_suites_name_their_methods_and_unregistered_ones_are_reported():
     demo = get_suite("demo")
     assert [m.label for m in demo.methods] == [
-        "ew", "uw", "dwa", "ema", "bmtl", "famo", "pcgrad", "mgda-ub", "nash-mtl", "tensioners"
+        "ew",
+        "uw",
+        "dwa",
+        "ema",
+        "bmtl",
+        "famo",
+        "pcgrad",
+        "mgda-ub",
+        "nash-mtl",
+        "tensioners",
     ]
     assert demo.dataset == "qm9" and demo.seeds == 2 and demo.train.epochs == 20
     runnable, missing = split_available((MethodEntry("ew", "ew"), MethodEntry("x", "not-a-method")))

@@ -194,7 +194,7 @@ def test_mean_curve_averages_seeds_per_epoch_and_ignores_missing_values():
 
 # ---------------------------------------------------------------------------------------------- sections
 def test_section_ci_and_heatmap_come_from_the_stored_seeds(tmp_path: Path):
-    method = [{"a": 1.5, "c": 0.7}, {"a": 1.3, "c": 0.6}, {"a": 1.6, "c": 0.75}]
+    method = [{"a": 1.5, "c": 0.7}, {"a": 1.65, "c": 0.6}, {"a": 1.62, "c": 0.75}]  # a: paired diffs ≈ 0.5
     results = baselines(a=(1.0, 1.2, 1.1), c=(0.8, 0.9, 0.85))
     results += [run("ew", s, m) for s, m in enumerate(method)]
     section = section_of(store_with(tmp_path, results))

@@ -19,7 +19,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..diagnostics.transfer import DELTA_M_CONVENTION, TransferSummary, compare_to_baselines
+from ..diagnostics.stats import Correction
+from ..diagnostics.transfer import DELTA_M_CONVENTION, TransferSummary, compare_study
 from ..train.config import TrainConfig
 from .executor import Executor
 from .runner import STL, RunResult, RunSpec
@@ -165,6 +166,7 @@ class StudySummary:
     failed: list[dict[str, Any]] = field(default_factory=list)
     unfinished: int = 0
     convention: str = DELTA_M_CONVENTION
+    correction_text: str = ""  # the multiple-comparison correction the verdicts used, for every output
 
 
 def _summarise_rows(label: str, method: str, rows: list[dict[str, Any]], names: list[str]) -> MethodSummary:
@@ -180,11 +182,18 @@ def _summarise_rows(label: str, method: str, rows: list[dict[str, Any]], names: 
 
 
 def summarize(
-    store: ResultsStore, specs: Sequence[RunSpec], *, targets_only: bool = True, alpha: float = 0.05
+    store: ResultsStore,
+    specs: Sequence[RunSpec],
+    *,
+    targets_only: bool = True,
+    alpha: float = 0.05,
+    correction: Correction = "holm",
 ) -> StudySummary:
     """Per-method metric mean ± std, Δm and verdicts against the study's single-task baselines, cost.
 
-    Only rows matching ``specs`` (same protocol) are read. Baselines are the ``stl`` runs of each task.
+    Only rows matching ``specs`` (same protocol) are read. Baselines are the ``stl`` runs of each task. Every
+    method is compared on the seeds it shares with the baselines, with one ``correction`` over all the
+    study's (method, task) tests (:func:`taskbalance.diagnostics.transfer.compare_study`).
     """
     keys = {s.key: s for s in specs}
     rows = [
@@ -202,18 +211,18 @@ def summarize(
     ]
     names = [t.name for t in tasks]
     stl_rows = [r for r in done if r["method"] == STL]
-    baselines: dict[str, list[float]] = {}
+    baselines: dict[str, dict[int, float]] = {}
     for row in stl_rows:
         task = row["hyperparameters"]["task"]
-        baselines.setdefault(task, []).append(row["metrics"][task])
+        baselines.setdefault(task, {})[row["seed"]] = row["metrics"][task]
     baseline = None
     if stl_rows:
         baseline = MethodSummary(
             label="single-task",
             method=STL,
             seeds=len(stl_rows) // max(1, len(baselines)),
-            metric_mean={n: _mean(baselines.get(n, [])) for n in names},
-            metric_std={n: _std(baselines.get(n, [])) for n in names},
+            metric_mean={n: _mean(list(baselines.get(n, {}).values())) for n in names},
+            metric_std={n: _std(list(baselines.get(n, {}).values())) for n in names},
             ms_per_step=_mean([r["ms_per_step"] for r in stl_rows]),
             peak_memory_mb=max((r["peak_memory_mb"] or math.nan for r in stl_rows), default=math.nan),
         )
@@ -222,19 +231,26 @@ def summarize(
         if row["method"] != STL:
             by_label.setdefault(row["label"], []).append(row)
     order = list(dict.fromkeys(s.display for s in specs if s.method != STL))
-    methods = []
-    for label in order:
-        group = by_label.get(label)
-        if not group:
-            continue
-        item = _summarise_rows(label, group[0]["method"], group, names)
-        scored = [t for t in tasks if t.role == "target" or not targets_only]
-        if scored and all(baselines.get(t.name) for t in scored):
-            item.transfer = compare_to_baselines(
-                [r["metrics"] for r in group], baselines, tasks, targets_only=targets_only, alpha=alpha
-            )
-        methods.append(item)
-    return StudySummary(tasks, baseline, methods, failed, unfinished)
+    methods = [
+        _summarise_rows(label, by_label[label][0]["method"], by_label[label], names)
+        for label in order
+        if by_label.get(label)
+    ]
+    scored = [t for t in tasks if t.role == "target" or not targets_only]
+    correction_text = ""
+    if methods and scored and all(baselines.get(t.name) for t in scored):
+        comparison = compare_study(
+            {m.label: {r["seed"]: r["metrics"] for r in by_label[m.label]} for m in methods},
+            baselines,
+            tasks,
+            targets_only=targets_only,
+            alpha=alpha,
+            correction=correction,
+        )
+        for item in methods:
+            item.transfer = comparison.methods[item.label]
+        correction_text = comparison.correction_text
+    return StudySummary(tasks, baseline, methods, failed, unfinished, correction_text=correction_text)
 
 
 def _canonical(value: dict[str, Any]) -> str:

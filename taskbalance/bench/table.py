@@ -7,14 +7,25 @@ from typing import Any
 
 from .study import MethodSummary, StudySummary
 
-__all__ = ["render_summary", "VERDICT_MARKS"]
+__all__ = ["render_summary", "VERDICT_MARKS", "VERDICT_RULE", "VERDICT_LEGEND"]
 
 VERDICT_MARKS = {
     "negative transfer": "NEG",
     "positive transfer": "pos",
     "no significant difference": "n.s.",
     "insufficient seeds": "?",
+    "at trivial level": "triv",
 }
+VERDICT_RULE = (
+    "Verdicts: per task, a paired t-test of the method's seeds against the single-task runs of the same "
+    "seeds (Welch when no seed is shared); identical samples are a tie and zero-variance samples never "
+    "significant"
+)
+VERDICT_LEGEND = (
+    "NEG = negative transfer (significantly worse than single-task), pos = positive transfer, "
+    "n.s. = no significant difference, ? = fewer than 2 matched seeds, "
+    "triv = at the trivial predictor's level (never positive transfer)"
+)
 
 
 def format_value(value: float | None, digits: int = 4) -> str:
@@ -104,11 +115,11 @@ def render_summary(summary: StudySummary, console: Any, *, title: str = "") -> N
             )
             verdicts.add_row(*cells)
         console.print(verdicts)
-        console.print(
-            "Verdicts: Welch's t-test per task, method seeds vs single-task seeds, two-sided 95% — "
-            "NEG = negative transfer (significantly worse than single-task), pos = positive transfer, "
-            "n.s. = no significant difference, ? = fewer than 2 seeds."
-        )
+        console.print(f"{VERDICT_RULE}; {summary.correction_text}. {VERDICT_LEGEND}.")
+        for item in scored:
+            assert item.transfer is not None
+            if item.transfer.seed_note:
+                console.print(f"[yellow]{item.label}:[/yellow] {item.transfer.seed_note}.", highlight=False)
     elif summary.methods:
         console.print("No single-task baselines in this study: Δm and verdicts are not available.")
     if summary.failed:

@@ -21,7 +21,7 @@ from ..bench.runner import STL, RunSpec
 from ..bench.store import ResultsStore
 from ..bench.study import MethodSummary, StudySummary, summarize
 from ..bench.table import VERDICT_MARKS
-from ..diagnostics.transfer import student_t_sf
+from ..diagnostics.stats import t_quantile
 
 __all__ = [
     "Section",
@@ -37,32 +37,6 @@ __all__ = [
 ]
 
 ColourSign = Literal["worse", "better", "equal", "missing"]
-
-
-def t_quantile(probability: float, df: float) -> float:
-    """The ``probability`` quantile of Student's t with ``df`` degrees of freedom (bisection on the tail).
-
-    Accurate to ~1e-12 relative; ``probability`` in (0, 1), ``df > 0``.
-    """
-    if not 0.0 < probability < 1.0:
-        raise ValueError(f"probability must be in (0, 1), got {probability}")
-    if not df > 0:
-        raise ValueError(f"df must be > 0, got {df}")
-    if probability < 0.5:
-        return -t_quantile(1.0 - probability, df)
-    tail = 1.0 - probability
-    low, high = 0.0, 1.0
-    while student_t_sf(high, df) > tail:  # bracket: the tail falls below the target somewhere
-        low, high = high, high * 2.0
-    for _ in range(200):
-        mid = 0.5 * (low + high)
-        if student_t_sf(mid, df) > tail:
-            low = mid
-        else:
-            high = mid
-        if high - low <= 1e-12 * max(1.0, high):
-            break
-    return 0.5 * (low + high)
 
 
 def confidence_interval(mean: float, std: float, n: int, level: float = 0.95) -> tuple[float, float]:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from ..bench.runner import RunSpec
 from ..bench.store import STORE_NAME, ResultsStore
-from ..bench.table import VERDICT_MARKS, format_value
+from ..bench.table import VERDICT_LEGEND, VERDICT_MARKS, VERDICT_RULE, format_value
 from .data import MethodView, Section, load_sections, relative_change_matrix
 from .plots import (
     plot_cost_vs_delta_m,
@@ -213,12 +213,14 @@ def _notes(section: Section) -> list[Block]:
     )
     blocks.append(
         Note(
-            f"Verdicts: Welch's t-test per task, method seeds vs single-task seeds, two-sided at "
-            f"{100 - level}% — NEG = significantly worse than single-task (negative transfer), pos = "
-            f"significantly better, n.s. = no significant difference, ? = fewer than 2 seeds on a side. "
-            f"CI: Student-t {level}% interval of the mean Δm over seeds."
+            f"{VERDICT_RULE}; two-sided at {100 - level}%, {section.summary.correction_text}. "
+            f"{VERDICT_LEGEND}. CI: Student-t {level}% interval of the mean Δm over the matched seeds."
         )
     )
+    for view in section.methods:
+        transfer = view.summary.transfer
+        if transfer is not None and transfer.seed_note:
+            blocks.append(Note(f"{view.label}: {transfer.seed_note}.", "warning"))
     if section.auxiliary_tasks and section.targets_only:
         blocks.append(
             Note(
