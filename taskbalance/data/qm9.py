@@ -46,7 +46,7 @@ from .base import MultiTaskData
 from .prepare import assemble, cache_dir, split_indices, split_sizes
 from .tasks import Task
 
-__all__ = ["load_qm9", "QM9_TASKS", "coulomb_eigenvalues", "read_qm9_tables"]
+__all__ = ["load_qm9", "QM9_TASKS", "coulomb_eigenvalues", "read_qm9_tables", "qm9_targets"]
 
 HARTREE_TO_MEV = 27211.386
 BOHR_PER_ANGSTROM = 1.0 / 0.52917721092
@@ -197,6 +197,19 @@ def _cache_key(files: Sequence[Path]) -> str:
     return h.hexdigest()[:16]
 
 
+def qm9_targets(raw: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The 11 targets in published units (float64) from :func:`read_qm9_tables`'s output: unit factors
+    applied, and the four energies turned into atomisation energies with :data:`ATOMREF`."""
+    counts = raw["counts"].to(torch.float64)
+    targets: dict[str, Tensor] = {}
+    for name, _, _, factor in _TARGETS:
+        value = raw[name]
+        if name in ATOMREF:
+            value = value - counts @ torch.tensor(ATOMREF[name], dtype=torch.float64)
+        targets[name] = value * factor
+    return targets
+
+
 def qm9_arrays(source: str | os.PathLike[str] | None = None, *, use_cache: bool = True) -> dict[str, Tensor]:
     """Descriptor ``x (N, 34)`` and the 11 targets in published units (float64), cached on disk."""
     files = _qm9pack_files(source)
@@ -209,14 +222,8 @@ def qm9_arrays(source: str | os.PathLike[str] | None = None, *, use_cache: bool 
         except (RuntimeError, OSError, EOFError, ValueError):
             pass  # a corrupt or partial cache file is rebuilt
     raw = read_qm9_tables(files)
-    counts = raw["counts"].to(torch.float64)
     eig = coulomb_eigenvalues(raw["charges"], raw["positions"])
-    arrays = {"x": torch.cat([eig, counts], dim=1)}
-    for name, _, _, factor in _TARGETS:
-        value = raw[name]
-        if name in ATOMREF:
-            value = value - counts @ torch.tensor(ATOMREF[name], dtype=torch.float64)
-        arrays[name] = value * factor
+    arrays = {"x": torch.cat([eig, raw["counts"].to(torch.float64)], dim=1), **qm9_targets(raw)}
     if path is not None:
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         torch.save({**arrays, "version": torch.tensor(_CACHE_VERSION)}, tmp)

@@ -19,6 +19,7 @@ Loader = Callable[..., MultiTaskData]
 # name -> "module:function" (lazy) or a callable (registered by users at run time)
 _LOADERS: dict[str, str | Loader] = {
     "qm9": "taskbalance.data.qm9:load_qm9",
+    "qm9_graph": "taskbalance.data.qm9_graph:load_qm9_graph",
     "multi_fashion": "taskbalance.data.fashion:load_multi_fashion",
     "gss_abortion": "taskbalance.data.gss:load_gss_abortion",
     "synthetic_scales": "taskbalance.data.synthetic:synthetic_scales",

@@ -15,7 +15,7 @@ from .trunks import ConvTrunk, MLPTrunk
 
 __all__ = ["build_model", "ARCHITECTURES"]
 
-ARCHITECTURES = ("auto", "mlp", "cnn", "qm9", "mmoe")
+ARCHITECTURES = ("auto", "mlp", "cnn", "qm9", "mmoe", "mpnn")
 
 
 def _hard_sharing(
@@ -23,6 +23,14 @@ def _hard_sharing(
 ) -> MultiTaskModel:
     heads = nn.ModuleDict({t.name: make_head(t, feature_size, head_hidden, act) for t in data.tasks})
     return MultiTaskModel(data.tasks, trunk, heads, feature_size)
+
+
+def _graph_feature_sizes(data: MultiTaskData) -> tuple[int, int]:
+    graphs = getattr(data.train, "graphs", None)
+    if graphs is None:
+        raise ValueError(f"arch='mpnn' needs a graph dataset (e.g. 'qm9_graph'); {data.name!r} has none")
+    probe = graphs.batch(data.train.x[:1])
+    return int(probe.x.shape[1]), int(probe.edge_attr.shape[1])
 
 
 def build_model(data: MultiTaskData, arch: str = "auto", **options: Any) -> MultiTaskModel:
@@ -38,7 +46,11 @@ def build_model(data: MultiTaskData, arch: str = "auto", **options: Any) -> Mult
     * ``"mmoe"`` — Multi-gate Mixture-of-Experts (``num_experts=8``, ``expert_hidden=(64,)``,
       ``expert_size=32``, ``head_hidden=()``, ``act="relu"``); see :mod:`taskbalance.models.mmoe` for
       which parameters to pass as ``shared=``;
-    * ``"auto"`` — ``cnn`` for image inputs ``(C, H, W)``, ``qm9`` for the ``qm9`` dataset, ``mlp`` otherwise.
+    * ``"mpnn"`` — the message-passing network of the published QM9 protocol for graph datasets
+      (``qm9_graph``): NNConv + GRU × 3 + Set2Set, linear heads (``channels=64``, ``edge_hidden=128``,
+      ``steps=3``, ``set2set_steps=3``); see :mod:`taskbalance.models.mpnn`;
+    * ``"auto"`` — ``cnn`` for image inputs ``(C, H, W)``, ``qm9`` for the ``qm9`` dataset, ``mpnn`` for
+      ``qm9_graph``, ``mlp`` otherwise.
 
     Seed the global RNG (``torch.manual_seed``) before calling for reproducible initial weights.
     """
@@ -46,7 +58,10 @@ def build_model(data: MultiTaskData, arch: str = "auto", **options: Any) -> Mult
         raise ValueError(f"arch must be one of {ARCHITECTURES}, got {arch!r}")
     shape = data.input_shape
     if arch == "auto":
-        arch = "cnn" if len(shape) == 3 else "qm9" if data.name == "qm9" else "mlp"
+        arch = (
+            "cnn" if len(shape) == 3 else "qm9" if data.name == "qm9"
+            else "mpnn" if data.name == "qm9_graph" else "mlp"
+        )
     in_features = math.prod(shape)
     opts = dict(options)
 
@@ -67,6 +82,12 @@ def build_model(data: MultiTaskData, arch: str = "auto", **options: Any) -> Mult
         o = take(defaults)
         trunk = MLPTrunk(in_features, o["hidden"], act=o["act"], dropout=o["dropout"])
         return _hard_sharing(data, trunk, trunk.out_features, o["head_hidden"], o["act"])
+    if arch == "mpnn":
+        from .mpnn import mpnn
+
+        o = take({"channels": 64, "edge_hidden": 128, "steps": 3, "set2set_steps": 3})
+        node_features, edge_features = _graph_feature_sizes(data)
+        return mpnn(data.tasks, node_features, edge_features, **o)
     if arch == "cnn":
         if len(shape) != 3:
             raise ValueError(
