@@ -30,8 +30,8 @@ TASKS = ["a", "b", "c"]
 class GramianUnitWeights(GradientBalancer):
     """A gradient-level test balancer that exposes the Gramian of the gradients it used."""
 
-    def aggregate(self, jacobian, losses, index):
-        return Aggregation(weights=torch.ones_like(losses), extras={"gramian": jacobian @ jacobian.T})
+    def aggregate(self, step):
+        return Aggregation(weights=torch.ones_like(step.losses), extras={"gramian": step.gramian})
 
 
 GramianUnitWeights.info = MethodInfo(
@@ -141,8 +141,9 @@ def test_monitor_statistics_match_reference_gradients():
     _, losses = toy_losses(model, x, y)
     stats = ConflictMonitor(TASKS, every=1).observe(losses, shared=shared)
     assert stats is not None
-    torch.testing.assert_close(stats.cosine, cosine_similarity_matrix(reference @ reference.T))
-    torch.testing.assert_close(stats.norms, reference.norm(dim=1))
+    wide = reference.double()
+    torch.testing.assert_close(stats.cosine, cosine_similarity_matrix(wide @ wide.T))
+    torch.testing.assert_close(stats.norms, wide.norm(dim=1))
 
 
 def test_monitor_leaves_gradients_and_balancer_update_unchanged():
@@ -212,7 +213,7 @@ def test_feature_level_monitor_matches_reference():
     z, losses = toy_losses(model, x, y)
     rows = torch.stack([torch.autograd.grad(losses[t], z, retain_graph=True)[0].reshape(-1) for t in TASKS])
     stats = ConflictMonitor(TASKS, every=1).observe(losses, features=z)
-    torch.testing.assert_close(stats.cosine, cosine_similarity_matrix(rows @ rows.T))
+    torch.testing.assert_close(stats.cosine, cosine_similarity_matrix(rows.double() @ rows.double().T))
 
 
 def test_observe_record_uses_the_balancers_gramian_for_free(monkeypatch):

@@ -5,14 +5,14 @@ import torch
 from toy import ToyMultiTask, toy_batch, toy_losses
 
 import taskbalance as tb
+from taskbalance import GradientStep
 from taskbalance.balancers.gradients.gcs import GradientCosineSimilarity, target_cosines
 
 TASKS = ["main", "aux1", "aux2"]
 
 
 def aggregate(balancer, jacobian):
-    k = jacobian.shape[0]
-    return balancer.aggregate(jacobian, torch.ones(k), torch.arange(k))
+    return balancer.aggregate(GradientStep.of(jacobian))
 
 
 def test_opposite_auxiliary_gets_weight_zero_and_aligned_gets_one():

@@ -11,8 +11,8 @@ TASKS = ["a", "b", "c"]
 
 
 class UnitWeights(GradientBalancer):
-    def aggregate(self, jacobian, losses, index):
-        return Aggregation(weights=torch.ones_like(losses), extras={"gramian": jacobian @ jacobian.T})
+    def aggregate(self, step):
+        return Aggregation(weights=torch.ones_like(step.losses), extras={"gramian": step.gramian})
 
 
 UnitWeights.info = MethodInfo(

@@ -8,6 +8,7 @@ from test_gradients_pcgrad import TASKS, assert_resume_bit_exact, grads_of, samp
 from toy import ToyMultiTask, toy_batch, toy_losses
 
 import taskbalance
+from taskbalance import GradientStep
 from taskbalance.balancers.gradients.db_mtl import DBMTL
 
 F64 = torch.float64
@@ -21,7 +22,7 @@ def balancer_for(k: int, **options) -> DBMTL:
 def test_every_task_contributes_a_vector_of_the_largest_norm(label, jacobian):
     k = jacobian.shape[0]
     losses = torch.linspace(0.5, 3.0, k, dtype=F64)
-    aggregation = balancer_for(k).aggregate(jacobian, losses, torch.arange(k))
+    aggregation = balancer_for(k).aggregate(GradientStep.of(jacobian, losses, torch.arange(k)))
     ema = 0.1 * jacobian / (losses[:, None] + 1e-8)  # first step: h = (1 − β) ∇log L from h = 0
     norms = ema.norm(dim=1)
     contributions = aggregation.extras["alpha"][:, None] * ema
@@ -39,8 +40,10 @@ def test_rescaling_a_task_loss_does_not_change_the_update():
     jacobian = torch.randn(3, 8, generator=torch.Generator().manual_seed(0), dtype=F64)
     losses = torch.tensor([0.3, 1.2, 2.0], dtype=F64)
     scale = torch.tensor([1.0, 1000.0, 1e-3], dtype=F64)  # L_k → c_k L_k multiplies g_k by c_k too
-    plain = balancer_for(3).aggregate(jacobian, losses, torch.arange(3)).direction
-    scaled = balancer_for(3).aggregate(jacobian * scale[:, None], losses * scale, torch.arange(3)).direction
+    plain = balancer_for(3).aggregate(GradientStep.of(jacobian, losses, torch.arange(3))).direction
+    scaled = balancer_for(3).aggregate(GradientStep.of(
+        jacobian * scale[:, None], losses * scale, torch.arange(3)
+    )).direction
     torch.testing.assert_close(scaled, plain, rtol=1e-6, atol=1e-9)
 
 
@@ -52,7 +55,7 @@ def test_the_buffer_is_an_ema_of_log_loss_gradients(beta, beta_sigma):
     for t in range(1, 5):
         jacobian = torch.randn(2, 5, generator=g, dtype=F64)
         losses = torch.rand(2, generator=g, dtype=F64) + 0.1
-        balancer.aggregate(jacobian, losses, torch.arange(2))
+        balancer.aggregate(GradientStep.of(jacobian, losses, torch.arange(2)))
         log_gradients = jacobian / (losses[:, None] + 1e-8)
         ema = log_gradients + beta / t**beta_sigma * (ema - log_gradients)
         torch.testing.assert_close(balancer.ema, ema)
@@ -60,9 +63,13 @@ def test_the_buffer_is_an_ema_of_log_loss_gradients(beta, beta_sigma):
 
 def test_a_missing_task_keeps_its_ema_and_step_count():
     balancer = balancer_for(3)
-    balancer.aggregate(torch.randn(3, 4, dtype=F64), torch.ones(3, dtype=F64), torch.arange(3))
+    balancer.aggregate(GradientStep.of(
+        torch.randn(3, 4, dtype=F64), torch.ones(3, dtype=F64), torch.arange(3)
+    ))
     before = balancer.ema.clone()
-    balancer.aggregate(torch.randn(2, 4, dtype=F64), torch.ones(2, dtype=F64), torch.tensor([0, 2]))
+    balancer.aggregate(GradientStep.of(
+        torch.randn(2, 4, dtype=F64), torch.ones(2, dtype=F64), torch.tensor([0, 2])
+    ))
     assert torch.equal(balancer.ema[1], before[1]) and balancer.task_steps.tolist() == [2.0, 1.0, 2.0]
 
 
@@ -95,9 +102,13 @@ def test_negative_losses_are_rejected():
 
 def test_changing_the_shared_parameters_is_an_error():
     balancer = balancer_for(2)
-    balancer.aggregate(torch.randn(2, 4, dtype=F64), torch.ones(2, dtype=F64), torch.arange(2))
+    balancer.aggregate(GradientStep.of(
+        torch.randn(2, 4, dtype=F64), torch.ones(2, dtype=F64), torch.arange(2)
+    ))
     with pytest.raises(ValueError, match="same shared parameters"):
-        balancer.aggregate(torch.randn(2, 5, dtype=F64), torch.ones(2, dtype=F64), torch.arange(2))
+        balancer.aggregate(GradientStep.of(
+            torch.randn(2, 5, dtype=F64), torch.ones(2, dtype=F64), torch.arange(2)
+        ))
 
 
 @pytest.mark.parametrize("options,match", [({"beta": 1.0}, "beta"), ({"beta_sigma": -1.0}, "beta_sigma"),

@@ -8,13 +8,14 @@ from test_gradients_pcgrad import TASKS, assert_resume_bit_exact, grads_of, samp
 from toy import ToyMultiTask, toy_batch, toy_losses
 
 import taskbalance
+from taskbalance import GradientStep
 from taskbalance.balancers.gradients.graddrop import GradDrop, sign_dropout
 
 
 def drop(jacobian: torch.Tensor, seed: int = 0, **options) -> torch.Tensor:
     k = jacobian.shape[0]
     balancer = GradDrop([f"t{i}" for i in range(k)], seed=seed, **options)
-    return balancer.aggregate(jacobian, torch.ones(k), torch.arange(k)).direction
+    return balancer.aggregate(GradientStep.of(jacobian)).direction
 
 
 @pytest.mark.parametrize("label,jacobian", list(sample_jacobians()))

@@ -8,6 +8,7 @@ from test_gradients_pcgrad import TASKS, assert_resume_bit_exact, grads_of
 from toy import ToyMultiTask, toy_batch, toy_losses
 
 import taskbalance
+from taskbalance import GradientStep
 from taskbalance.balancers.gradients.gradnorm import GradNorm
 
 F64 = torch.float64
@@ -16,7 +17,7 @@ F64 = torch.float64
 def after_first_epoch(losses_epoch0: torch.Tensor, **options) -> GradNorm:
     balancer = GradNorm([f"t{i}" for i in range(losses_epoch0.shape[1])], **options).double()
     for row in losses_epoch0:
-        balancer.aggregate(torch.zeros(row.shape[0], 3, dtype=F64), row, torch.arange(row.shape[0]))
+        balancer.aggregate(GradientStep.of(torch.zeros(row.shape[0], 3, dtype=F64), row))
     balancer.end_epoch()
     return balancer
 
@@ -25,7 +26,7 @@ def test_first_epoch_is_equal_weighting_and_records_the_mean_losses():
     epoch0 = torch.tensor([[1.0, 4.0, 0.5], [3.0, 2.0, 0.5]], dtype=F64)
     balancer = GradNorm(TASKS).double()
     for row in epoch0:
-        aggregation = balancer.aggregate(torch.randn(3, 4, dtype=F64), row, torch.arange(3))
+        aggregation = balancer.aggregate(GradientStep.of(torch.randn(3, 4, dtype=F64), row, torch.arange(3)))
         torch.testing.assert_close(aggregation.weights, torch.ones(3, dtype=F64))
     assert balancer.logits.grad is None
     balancer.end_epoch()
@@ -38,7 +39,7 @@ def test_logit_gradient_is_that_of_the_gradnorm_loss():
     balancer = after_first_epoch(torch.tensor([[1.0, 4.0, 0.5]], dtype=F64), alpha=1.5)
     with torch.no_grad():
         balancer.logits.copy_(torch.tensor([0.2, -0.4, 1.0]))
-    aggregation = balancer.aggregate(jacobian, losses, torch.arange(3))
+    aggregation = balancer.aggregate(GradientStep.of(jacobian, losses, torch.arange(3)))
 
     logits = balancer.logits.detach().clone().requires_grad_()
     weights = 3 * torch.softmax(logits, dim=0)
@@ -67,7 +68,7 @@ def test_weights_move_toward_norms_proportional_to_the_inverse_training_rate():
     start = imbalance()
     for _ in range(200):
         optimizer.zero_grad()
-        balancer.aggregate(jacobian, losses, torch.arange(4))
+        balancer.aggregate(GradientStep.of(jacobian, losses, torch.arange(4)))
         optimizer.step()
     assert imbalance() < 0.1 * start
     torch.testing.assert_close(balancer.weights().sum().detach(), torch.tensor(4.0, dtype=F64))
@@ -76,17 +77,18 @@ def test_weights_move_toward_norms_proportional_to_the_inverse_training_rate():
 
 def test_a_task_unseen_in_the_first_epoch_takes_its_first_later_loss_as_reference():
     balancer = GradNorm(["a", "b"]).double()
-    balancer.aggregate(torch.randn(1, 3, dtype=F64), torch.tensor([2.0], dtype=F64), torch.tensor([0]))
+    balancer.aggregate(GradientStep.of(torch.randn(1, 3, dtype=F64), torch.tensor([2.0], dtype=F64)))
     balancer.end_epoch()
     assert balancer.initial_known.tolist() == [True, False]
-    balancer.aggregate(torch.randn(2, 3, dtype=F64), torch.tensor([1.0, 7.0], dtype=F64), torch.arange(2))
+    balancer.aggregate(GradientStep.of(torch.randn(2, 3, dtype=F64), torch.tensor([1.0, 7.0], dtype=F64)))
     assert balancer.initial_loss.tolist() == [2.0, 7.0] and balancer.initial_known.tolist() == [True, True]
 
 
 def test_a_missing_task_gets_no_logit_gradient_and_the_present_weights_sum_to_their_count():
     balancer = after_first_epoch(torch.ones(1, 3, dtype=F64))
-    aggregation = balancer.aggregate(torch.randn(2, 5, dtype=F64), torch.tensor([0.5, 2.0], dtype=F64),
-                                     torch.tensor([0, 2]))
+    losses = torch.tensor([0.5, 2.0], dtype=F64)
+    step = GradientStep.of(torch.randn(2, 5, dtype=F64), losses, torch.tensor([0, 2]))
+    aggregation = balancer.aggregate(step)
     assert balancer.logits.grad[1] == 0 and bool((balancer.logits.grad[[0, 2]] != 0).all())
     torch.testing.assert_close(aggregation.weights.sum(), torch.tensor(2.0, dtype=F64))
 

@@ -8,6 +8,7 @@ from test_gradients_pcgrad import TASKS, assert_resume_bit_exact, grads_of, orde
 from toy import ToyMultiTask, toy_batch, toy_losses
 
 import taskbalance
+from taskbalance import GradientStep
 from taskbalance.balancers.gradients.gradvac import GradVac, vaccinate
 from taskbalance.balancers.gradients.pcgrad import PCGrad, project_conflicting
 
@@ -32,8 +33,8 @@ def test_zero_targets_give_pcgrad_projection(label, jacobian):
 def test_first_step_of_the_balancer_equals_pcgrad_with_the_same_seed():
     jacobian = torch.randn(5, 12, generator=torch.Generator().manual_seed(1))
     names = list("abcde")
-    vac = GradVac(names, seed=11).aggregate(jacobian, torch.ones(5), torch.arange(5))
-    pc = PCGrad(names, seed=11).aggregate(jacobian, torch.ones(5), torch.arange(5))
+    vac = GradVac(names, seed=11).aggregate(GradientStep.of(jacobian))
+    pc = PCGrad(names, seed=11).aggregate(GradientStep.of(jacobian))
     torch.testing.assert_close(vac.weights @ jacobian, pc.weights @ jacobian, rtol=1e-5, atol=1e-5)
 
 
@@ -57,11 +58,11 @@ def test_a_correction_lifts_the_similarity_exactly_to_its_target(target):
 def test_targets_follow_an_ema_of_the_observed_similarity():
     jacobian = torch.randn(2, 6, generator=torch.Generator().manual_seed(2), dtype=F64)
     balancer = GradVac(["a", "b"], beta=0.25, seed=0).double()
-    balancer.aggregate(jacobian, torch.ones(2), torch.arange(2))
+    balancer.aggregate(GradientStep.of(jacobian))
     similarity = cosine(jacobian[0], jacobian[1])
     expected = 0.25 * similarity  # from ρ̂ = 0; with two tasks each row visits the other first
     torch.testing.assert_close(balancer.targets, torch.tensor([[0.0, 1.0], [1.0, 0.0]], dtype=F64) * expected)
-    balancer.aggregate(jacobian, torch.ones(2), torch.arange(2))
+    balancer.aggregate(GradientStep.of(jacobian))
     # second step: g'_i starts from g_i again, so the observed similarity is the same
     torch.testing.assert_close(balancer.targets[0, 1], 0.75 * expected + 0.25 * similarity)
 
@@ -69,11 +70,11 @@ def test_targets_follow_an_ema_of_the_observed_similarity():
 def test_on_correction_updates_only_corrected_pairs():
     jacobian = torch.tensor([[1.0, 0.2], [0.9, 0.1]], dtype=F64)  # similar: never below a zero target
     balancer = GradVac(["a", "b"], update_targets="on_correction", seed=0).double()
-    aggregation = balancer.aggregate(jacobian, torch.ones(2), torch.arange(2))
+    aggregation = balancer.aggregate(GradientStep.of(jacobian))
     assert torch.equal(balancer.targets, torch.zeros(2, 2, dtype=F64))
     torch.testing.assert_close(aggregation.weights, torch.ones(2, dtype=F64))
     always = GradVac(["a", "b"], seed=0).double()
-    always.aggregate(jacobian, torch.ones(2), torch.arange(2))
+    always.aggregate(GradientStep.of(jacobian))
     assert bool((always.targets[~torch.eye(2, dtype=torch.bool)] > 0).all())
 
 
@@ -81,7 +82,7 @@ def test_targets_below_every_similarity_leave_the_plain_sum():
     jacobian = torch.randn(4, 9, generator=torch.Generator().manual_seed(3))
     balancer = GradVac(list("abcd"), seed=0)
     balancer.targets.fill_(-1.0)
-    aggregation = balancer.aggregate(jacobian, torch.ones(4), torch.arange(4))
+    aggregation = balancer.aggregate(GradientStep.of(jacobian))
     torch.testing.assert_close(aggregation.weights, torch.ones(4))
 
 
@@ -90,16 +91,16 @@ def test_degenerate_jacobians_give_finite_updates_and_targets(label, jacobian):
     k = jacobian.shape[0]
     balancer = GradVac([f"t{i}" for i in range(k)], seed=0).double()
     for _ in range(3):
-        aggregation = balancer.aggregate(jacobian, torch.ones(k), torch.arange(k))
+        aggregation = balancer.aggregate(GradientStep.of(jacobian))
         assert bool(torch.isfinite(aggregation.weights).all()), label
     assert bool(torch.isfinite(balancer.targets).all()) and bool((balancer.targets.abs() <= 1 + 1e-9).all())
 
 
 def test_a_missing_task_keeps_its_targets():
     balancer = GradVac(TASKS, seed=0)
-    balancer.aggregate(torch.randn(3, 5), torch.ones(3), torch.arange(3))
+    balancer.aggregate(GradientStep.of(torch.randn(3, 5), torch.ones(3), torch.arange(3)))
     before = balancer.targets.clone()
-    balancer.aggregate(torch.randn(2, 5), torch.ones(2), torch.tensor([0, 2]))
+    balancer.aggregate(GradientStep.of(torch.randn(2, 5), torch.ones(2), torch.tensor([0, 2])))
     assert torch.equal(balancer.targets[1], before[1]) and torch.equal(balancer.targets[:, 1], before[:, 1])
     assert not torch.equal(balancer.targets[0, 2], before[0, 2])
 

@@ -10,7 +10,7 @@ from test_gradients_pcgrad import TASKS, grads_of, sample_jacobians
 from toy import ToyMultiTask, toy_batch, toy_losses
 
 import taskbalance
-from taskbalance import TaskError
+from taskbalance import GradientStep, TaskError
 from taskbalance.balancers.gradients import hydalearn as hydalearn_module
 from taskbalance.balancers.gradients.hydalearn import HydaLearn
 
@@ -20,7 +20,7 @@ F64 = torch.float64
 def first_order(jacobian: torch.Tensor, main: int = 0, **options) -> torch.Tensor:
     k = jacobian.shape[0]
     balancer = HydaLearn([f"t{i}" for i in range(k)], main=f"t{main}", **options)
-    return balancer.aggregate(jacobian, torch.ones(k, dtype=jacobian.dtype), torch.arange(k)).weights
+    return balancer.aggregate(GradientStep.of(jacobian)).weights
 
 
 @pytest.mark.parametrize("label,jacobian", list(sample_jacobians()))

@@ -14,6 +14,7 @@ import torch
 from toy import ToyMultiTask, toy_batch, toy_losses
 
 import taskbalance
+from taskbalance import GradientStep
 from taskbalance.balancers.gradients.pcgrad import PCGrad, project_conflicting, random_orders
 
 TASKS = ["a", "b", "c"]
@@ -180,14 +181,14 @@ def test_projection_reduces_conflict_on_average():
 def test_without_conflicts_the_update_is_the_plain_sum(seed):
     g = torch.Generator().manual_seed(seed)
     jacobian = torch.rand(5, 8, generator=g, dtype=torch.float64)  # non-negative rows: no pair conflicts
-    aggregation = PCGrad(list("abcde"), seed=seed).aggregate(jacobian, torch.ones(5), torch.arange(5))
+    aggregation = PCGrad(list("abcde"), seed=seed).aggregate(GradientStep.of(jacobian))
     torch.testing.assert_close(aggregation.weights, torch.ones(5, dtype=torch.float64))
 
 
 def test_opposite_gradients_cancel_exactly_and_zero_rows_are_harmless():
     g = torch.randn(6, dtype=torch.float64)
     jacobian = torch.stack([g, -3 * g, torch.zeros(6, dtype=torch.float64)])
-    aggregation = PCGrad(TASKS, seed=0).aggregate(jacobian, torch.ones(3), torch.arange(3))
+    aggregation = PCGrad(TASKS, seed=0).aggregate(GradientStep.of(jacobian))
     direction = aggregation.weights @ jacobian
     assert bool(torch.isfinite(aggregation.weights).all())
     torch.testing.assert_close(direction, torch.zeros(6, dtype=torch.float64), atol=1e-12, rtol=0)
@@ -208,7 +209,7 @@ def test_seed_fixes_the_random_orders_and_global_rng_does_not_matter():
     jacobian = torch.randn(6, 10, generator=torch.Generator().manual_seed(0))
 
     def weights(seed: int) -> torch.Tensor:
-        return PCGrad(list("abcdef"), seed=seed).aggregate(jacobian, torch.ones(6), torch.arange(6)).weights
+        return PCGrad(list("abcdef"), seed=seed).aggregate(GradientStep.of(jacobian)).weights
 
     torch.manual_seed(0)
     first = weights(7)
@@ -260,10 +261,10 @@ def test_state_dict_carries_the_generator_state():
     jacobian = torch.randn(5, 4, generator=torch.Generator().manual_seed(0))
     names = list("abcde")
     balancer = PCGrad(names, seed=5)
-    balancer.aggregate(jacobian, torch.ones(5), torch.arange(5))
+    balancer.aggregate(GradientStep.of(jacobian))
     copy = PCGrad(names, seed=6)
     copy.load_state_dict(balancer.state_dict())
     assert torch.equal(copy.rng_state, balancer.rng_state)
     for _ in range(3):
-        a = balancer.aggregate(jacobian, torch.ones(5), torch.arange(5)).weights
-        assert torch.equal(copy.aggregate(jacobian, torch.ones(5), torch.arange(5)).weights, a)
+        a = balancer.aggregate(GradientStep.of(jacobian)).weights
+        assert torch.equal(copy.aggregate(GradientStep.of(jacobian)).weights, a)

@@ -7,6 +7,7 @@ import quadprog
 import torch
 
 import taskbalance as tb
+from taskbalance import GradientStep
 from taskbalance.balancers.gradients._solvers import dual_cone_weights, min_norm_weights, nash_weights
 
 KINDS = ["random", "spread_norms", "duplicates", "zero_row", "collinear", "low_rank", "aligned"]
@@ -99,8 +100,8 @@ def test_nash_solution_satisfies_bargaining_system(kind, k, seed):
 def aggregate(name: str, j: torch.Tensor, **kwargs) -> torch.Tensor:
     tasks = [f"t{i}" for i in range(j.shape[0])]
     balancer = tb.make(name, tasks, **kwargs)
-    result = balancer.aggregate(j, torch.ones(j.shape[0], dtype=j.dtype), torch.arange(j.shape[0]))
-    return result.direction if result.direction is not None else result.weights @ j
+    result = balancer.aggregate(GradientStep.of(j))
+    return result.shared_update(j)
 
 
 @pytest.mark.parametrize("name", ["upgrad", "dualproj"])
@@ -108,7 +109,7 @@ def aggregate(name: str, j: torch.Tensor, **kwargs) -> torch.Tensor:
 def test_dual_cone_methods_conflict_with_no_task(name, kind, k, seed):
     j = jacobian(kind, k, seed)
     balancer = tb.make(name, [f"t{i}" for i in range(k)])
-    weights = balancer.aggregate(j, torch.ones(k, dtype=j.dtype), torch.arange(k)).weights
+    weights = balancer.aggregate(GradientStep.of(j)).weights
     inner = j @ (weights @ j)
     # KKT of the conditioned problem: (M/tr M + reg_eps I) v >= 0, so g_i·update >= -reg_eps tr(M) v_i
     tolerance = 1.01e-4 * (j * j).sum() * weights.abs() + 1e-12

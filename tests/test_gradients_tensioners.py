@@ -5,6 +5,7 @@ import math
 import torch
 
 import taskbalance as tb
+from taskbalance import GradientStep
 from taskbalance.balancers.gradients._solvers import gramian
 from taskbalance.balancers.gradients.tensioners import central_direction_weights
 
@@ -39,7 +40,7 @@ def test_tensions_lie_between_one_minus_alpha_and_one():
 def warmed(balancer, j, steps):
     for _ in range(steps):
         losses = torch.full((j.shape[0],), 2.0, dtype=j.dtype)
-        result = balancer.aggregate(j, losses, torch.arange(j.shape[0]))
+        result = balancer.aggregate(GradientStep.of(j, losses, torch.arange(j.shape[0])))
     return result
 
 
@@ -78,7 +79,7 @@ def test_zero_gradient_skips_the_shared_update():
     j = sample(3, 0)
     j[1] = 0
     balancer = tb.make("tensioners", ["a", "b", "c"])
-    result = balancer.aggregate(j, torch.ones(3, dtype=j.dtype), torch.arange(3))
+    result = balancer.aggregate(GradientStep.of(j))
     assert (result.weights == 0).all()
 
 

@@ -7,13 +7,13 @@ import torch
 from toy import ToyMultiTask, toy_batch, toy_losses
 
 import taskbalance as tb
+from taskbalance import GradientStep
 
 TASKS = ["main", "aligned", "opposed"]
 
 
 def step(balancer, jacobian):
-    k = jacobian.shape[0]
-    aggregation = balancer.aggregate(jacobian, torch.ones(k), torch.arange(k))
+    aggregation = balancer.aggregate(GradientStep.of(jacobian))
     balancer.step_count += 1  # what Balancer.backward does after each step
     return aggregation
 

@@ -17,6 +17,7 @@ from torchjd.aggregation import GradDrop as TorchJDGradDrop
 from torchjd.aggregation import GradVac as TorchJDGradVac
 from torchjd.aggregation import PCGrad as TorchJDPCGrad
 
+from taskbalance import GradientStep
 from taskbalance.balancers.gradients.graddrop import GradDrop
 from taskbalance.balancers.gradients.gradvac import GradVac, vaccinate
 from taskbalance.balancers.gradients.pcgrad import PCGrad, project_conflicting
@@ -75,8 +76,7 @@ def test_pcgrad_balancer_matches_torchjd_for_two_tasks_whatever_the_seed():
     for seed in range(SAMPLES):
         matrix = sampled_matrix(seed, tasks=1 if seed % 7 == 0 else 2)
         k = matrix.shape[0]
-        aggregation = PCGrad([f"t{i}" for i in range(k)], seed=seed + 1).aggregate(matrix, torch.ones(k),
-                                                                                    torch.arange(k))
+        aggregation = PCGrad([f"t{i}" for i in range(k)], seed=seed + 1).aggregate(GradientStep.of(matrix))
         errors.append(relative_error(aggregation.weights @ matrix, TorchJDPCGrad()(matrix)))
     assert max(errors) <= TOLERANCE
 
@@ -105,7 +105,7 @@ def test_gradvac_balancer_matches_torchjd_for_two_tasks_over_steps():
     errors = []
     for step in range(SAMPLES):
         matrix = sampled_matrix(step, tasks=2)
-        ours = balancer.aggregate(matrix, torch.ones(2), torch.arange(2))
+        ours = balancer.aggregate(GradientStep.of(matrix))
         errors.append(relative_error(ours.weights @ matrix, theirs_aggregator(matrix)))
     assert len(errors) >= 100 and max(errors) <= TOLERANCE
 
@@ -119,6 +119,6 @@ def test_graddrop_matches_torchjd_with_the_same_uniforms(leak):
         torch.manual_seed(seed)
         theirs = TorchJDGradDrop(leak=None if leak is None else torch.full((k,), leak))(matrix)
         balancer = GradDrop([f"t{i}" for i in range(k)], seed=seed, leak=0.0 if leak is None else leak)
-        ours = balancer.aggregate(matrix, torch.ones(k), torch.arange(k)).direction
+        ours = balancer.aggregate(GradientStep.of(matrix)).direction
         errors.append(relative_error(ours, theirs))
     assert max(errors) <= TOLERANCE

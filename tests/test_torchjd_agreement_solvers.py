@@ -16,6 +16,7 @@ import torch
 from torchjd import aggregation as tjd
 
 import taskbalance as tb
+from taskbalance import GradientStep
 
 TASKS = [f"t{i}" for i in range(12)]
 
@@ -34,10 +35,8 @@ def sampled_matrices(count: int = 100, seed: int = 0):
 
 def update_of(name, j, **kw):
     balancer = tb.make(name, TASKS[: j.shape[0]], **kw)
-    aggregation = balancer.aggregate(j, torch.ones(j.shape[0], dtype=j.dtype), torch.arange(j.shape[0]))
-    if aggregation.direction is not None:
-        return aggregation.direction
-    return aggregation.weights @ j
+    aggregation = balancer.aggregate(GradientStep.of(j))
+    return aggregation.shared_update(j)
 
 
 def relative_error(ours, theirs):
@@ -101,9 +100,9 @@ def test_nash_mtl_agrees_where_torchjd_converges():
     for j in sampled_matrices(100, seed=1):
         k = j.shape[0]
         balancer = tb.make("nash-mtl", TASKS[:k])
-        aggregation = balancer.aggregate(j, torch.ones(k, dtype=j.dtype), torch.arange(k))
+        aggregation = balancer.aggregate(GradientStep.of(j))
         assert aggregation.extras["residual"] < 1e-6
         theirs = tjd.NashMTL(n_tasks=k, max_norm=1.0, update_weights_every=1, optim_niter=20)(j)
-        agreeing += relative_error(aggregation.direction, theirs) <= 1e-3
+        agreeing += relative_error(aggregation.shared_update(j), theirs) <= 1e-3
         total += 1
     assert agreeing >= 0.9 * total

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, ClassVar, Literal, Protocol
 
 import torch
@@ -47,9 +48,19 @@ from ..record import StepRecord
 from .inputs import NonFinitePolicy, TaskLosses, collect_losses, validate_tasks
 from .registry import MethodInfo
 
-__all__ = ["Balancer", "LossBalancer", "GradientBalancer", "Aggregation", "GradientLevel", "Reducer"]
+__all__ = [
+    "Balancer",
+    "LossBalancer",
+    "GradientBalancer",
+    "GradientStep",
+    "Aggregation",
+    "GradientLevel",
+    "GradientNeed",
+    "Reducer",
+]
 
 GradientLevel = Literal["parameters", "features"]
+GradientNeed = Literal["gramian", "jacobian"]
 _POLICIES = ("raise", "skip", "propagate")
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -293,21 +304,95 @@ class LossBalancer(Balancer):
         return self._record(batch, weights)
 
 
+@dataclass(frozen=True, eq=False)
+class GradientStep:
+    """Everything a gradient-level method may read for one step (immutable; one per ``backward``).
+
+    Attributes:
+        losses: ``(k,)`` detached losses of the ``k`` present tasks.
+        index: ``(k,)`` long positions of the present tasks in the balancer's ``tasks`` (for per-task state).
+        jacobian: ``(k, P)`` per-task gradients (w.r.t. the shared parameters or features), or ``None`` when
+            the engine computed only the Gramian (methods whose :attr:`GradientBalancer.needs` is
+            ``"gramian"``).
+        dtype: the dtype of the update the engine will assemble (weights are cast to it).
+
+    :attr:`gramian` is the ``k × k`` matrix ``J Jᵀ`` in float64, computed once on first use (from the
+    Jacobian widened to float64, so the Gramian is exact to float64 rounding whatever the model's dtype), or
+    handed over by the engine.
+    """
+
+    losses: Tensor
+    index: Tensor
+    jacobian: Tensor | None = None
+    dtype: torch.dtype = torch.float32
+    precomputed_gramian: Tensor | None = None
+
+    @classmethod
+    def of(cls, jacobian: Tensor, losses: Tensor | None = None, index: Tensor | None = None) -> GradientStep:
+        """A step from a ``(k, P)`` Jacobian (losses default to ones, index to ``0..k-1``): for experiments
+        and tests that call :meth:`GradientBalancer.aggregate` directly."""
+        k = jacobian.shape[0]
+        if losses is None:
+            losses = torch.ones(k, dtype=jacobian.dtype, device=jacobian.device)
+        if index is None:
+            index = torch.arange(k, device=jacobian.device)
+        return cls(losses=losses, index=index, jacobian=jacobian, dtype=jacobian.dtype)
+
+    @cached_property
+    def gramian(self) -> Tensor:
+        """``(k, k)`` float64 Gramian ``J Jᵀ`` of the present tasks' gradients."""
+        if self.precomputed_gramian is not None:
+            return self.precomputed_gramian.to(torch.float64)
+        jacobian = self.require_jacobian("the Gramian")
+        wide = jacobian.to(torch.float64)
+        return wide @ wide.T
+
+    @property
+    def num_tasks(self) -> int:
+        """Number ``k`` of present tasks."""
+        return int(self.losses.shape[0])
+
+    @property
+    def device(self) -> torch.device:
+        return self.losses.device
+
+    def require_jacobian(self, what: str = "this method") -> Tensor:
+        """The Jacobian, or a clear error when the engine computed only the Gramian."""
+        if self.jacobian is None:
+            raise RuntimeError(
+                f"{what} needs the per-task Jacobian but the engine computed only the Gramian; "
+                "declare needs = 'jacobian' on the method (or pass engine='jacobian')"
+            )
+        return self.jacobian
+
+
 @dataclass
 class Aggregation:
     """What a gradient-level method decides for one step.
 
     Attributes:
-        weights: ``(k,)`` coefficients of the present tasks; the shared update is ``weights @ jacobian``
-            unless ``direction`` is given. Task-specific parameters get ``weights[k] ∇L_k`` (or ``∇L_k`` if
-            the method's ``scale_heads`` is false).
-        direction: optional explicit shared update (``P`` entries), for methods that edit gradients.
+        weights: ``(k,)`` coefficients of the present tasks. Task-specific parameters get
+            ``weights[k] ∇L_k`` (or ``∇L_k`` if the method's ``scale_heads`` is false); the shared update is
+            ``weights @ jacobian`` unless ``shared_weights`` or ``direction`` is given.
+        shared_weights: optional ``(k,)`` coefficients of the shared update ``shared_weights @ jacobian``
+            when they differ from the heads' ``weights`` (IMTL, Nash-MTL's clipped update). Prefer this to
+            ``direction``: it needs only the Gramian.
+        direction: optional explicit shared update (``P`` entries), for methods that edit gradients
+            element-wise (they declare ``needs = "jacobian"``).
         extras: diagnostics for the step record.
     """
 
     weights: Tensor
     direction: Tensor | None = None
     extras: dict[str, Tensor] = field(default_factory=dict)
+    shared_weights: Tensor | None = None
+
+    def shared_update(self, jacobian: Tensor) -> Tensor:
+        """The update of the shared part, ``(P,)`` in ``jacobian``'s dtype, from the ``(k, P)`` Jacobian."""
+        if self.direction is not None:
+            return self.direction.to(jacobian.dtype)
+        coefficients = self.weights if self.shared_weights is None else self.shared_weights
+        return coefficients.to(jacobian.dtype) @ jacobian
 
 
 class GradientBalancer(Balancer):
@@ -329,6 +414,7 @@ class GradientBalancer(Balancer):
     """
 
     scale_heads: ClassVar[bool] = True
+    needs: GradientNeed = "gramian"  # "jacobian" for methods that edit gradients element-wise
     record_gramian: bool = False
 
     def __init__(
@@ -355,14 +441,13 @@ class GradientBalancer(Balancer):
         self.gradients: GradientLevel = gradients
         self._index_cache: dict[tuple[int, ...], Tensor] = {}
 
-    def aggregate(self, jacobian: Tensor, losses: Tensor, index: Tensor) -> Aggregation:
+    def aggregate(self, step: GradientStep) -> Aggregation:
         """Decide the step from the per-task gradients.
 
         Args:
-            jacobian: ``(k, P)`` per-task gradients of the ``k`` present tasks (w.r.t. the shared parameters
-                or the shared features).
-            losses: ``(k,)`` their detached losses.
-            index: ``(k,)`` long positions of the present tasks in :attr:`tasks`, for per-task state.
+            step: the present tasks' losses, their positions in :attr:`tasks`, and their gradients: the
+                float64 Gramian ``step.gramian`` always; the ``(k, P)`` Jacobian ``step.jacobian`` when the
+                method declares ``needs = "jacobian"``.
         """
         raise NotImplementedError
 
@@ -415,8 +500,9 @@ class GradientBalancer(Balancer):
             jacobian = jacobian / scale.to(jacobian.dtype)
         if reducer is not None:
             jacobian = reducer.reduce_jacobian(jacobian, self.gradients)
-        aggregation = self._aggregate_guarded(jacobian, roots.detach(), index)
-        direction = self._direction(aggregation, jacobian)
+        step = GradientStep(losses=roots.detach(), index=index, jacobian=jacobian, dtype=jacobian.dtype)
+        aggregation = self._aggregate_guarded(step)
+        direction = aggregation.shared_update(jacobian)
         if scale is not None:
             direction = direction * scale.to(direction.dtype)
         if reducer is not None:
@@ -440,19 +526,19 @@ class GradientBalancer(Balancer):
             0, index, aggregation.weights.to(roots.dtype)
         )
         if self.record_gramian and "gramian" not in aggregation.extras:
-            aggregation.extras["gramian"] = (jacobian @ jacobian.T).detach()
+            aggregation.extras["gramian"] = step.gramian.detach()
         return self._record(batch, weights, aggregation.extras)
 
-    def _aggregate_guarded(self, jacobian: Tensor, losses: Tensor, index: Tensor) -> Aggregation:
+    def _aggregate_guarded(self, step: GradientStep) -> Aggregation:
         """:meth:`aggregate`, which under a GradScaler keeps the buffers and poisons the step on overflow.
 
         Both are done on-device with ``torch.where`` (no host read): ``scaler.step`` then skips the step.
         """
         if self._grad_scale is None:
-            return self.aggregate(jacobian, losses, index)
-        finite = torch.isfinite(jacobian).all()
+            return self.aggregate(step)
+        finite = torch.isfinite(step.gramian.diagonal()).all()
         before = {name: buffer.clone() for name, buffer in self.named_buffers()}
-        aggregation = self.aggregate(jacobian, losses, index)
+        aggregation = self.aggregate(step)
         with torch.no_grad():
             for name, buffer in self.named_buffers():
                 old = before.get(name)
@@ -462,13 +548,10 @@ class GradientBalancer(Balancer):
         aggregation.weights = aggregation.weights + poison
         if aggregation.direction is not None:
             aggregation.direction = aggregation.direction + poison.to(aggregation.direction.dtype)
+        if aggregation.shared_weights is not None:
+            shared = aggregation.shared_weights
+            aggregation.shared_weights = shared + poison.to(shared.dtype)
         return aggregation
-
-    @staticmethod
-    def _direction(aggregation: Aggregation, jacobian: Tensor) -> Tensor:
-        if aggregation.direction is not None:
-            return aggregation.direction.to(jacobian.dtype)
-        return aggregation.weights.to(jacobian.dtype) @ jacobian
 
     def _backward_heads(self, roots: Tensor, aggregation: Aggregation, heads: list[Tensor]) -> None:
         if not heads:

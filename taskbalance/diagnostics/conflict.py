@@ -414,7 +414,8 @@ class ConflictMonitor(nn.Module):
                     "balancer.backward(losses, ...), or use monitor.observe_record(record) after it"
                 ) from error
             raise
-        return self._update(jacobian @ jacobian.T, batch.index)
+        wide = jacobian.to(torch.float64)  # float64, as the balancers' Gramian (exact for wide trunks)
+        return self._update(wide @ wide.T, batch.index)
 
     def observe_record(self, record: StepRecord) -> ConflictStats | None:
         """Count one step; on an active step use the Gramian a gradient-level balancer left in its record.

@@ -6,12 +6,10 @@ from collections.abc import Sequence
 from typing import Literal
 
 import torch
-from torch import Tensor
 
-from ..base import Aggregation, GradientBalancer, GradientLevel
+from ..base import Aggregation, GradientBalancer, GradientLevel, GradientStep
 from ..inputs import NonFinitePolicy
 from ..registry import register
-from ._solvers import gramian
 
 __all__ = ["AlignedMTL"]
 
@@ -55,11 +53,11 @@ class AlignedMTL(GradientBalancer):
             raise ValueError(f"scale_mode must be 'min', 'median' or 'rmse', got {scale_mode!r}")
         self.scale_mode: ScaleMode = scale_mode
 
-    def aggregate(self, jacobian: Tensor, losses: Tensor, index: Tensor) -> Aggregation:
-        gram = gramian(jacobian)
+    def aggregate(self, step: GradientStep) -> Aggregation:
+        gram = step.gramian
         k = gram.shape[0]
         eigenvalues, vectors = torch.linalg.eigh(gram)
-        tol = eigenvalues.max() * k * torch.finfo(jacobian.dtype).eps
+        tol = eigenvalues.max() * k * torch.finfo(step.dtype).eps
         kept = eigenvalues > tol
         safe = torch.where(kept, eigenvalues, torch.ones_like(eigenvalues))
         inv_sqrt = torch.where(kept, safe.rsqrt(), torch.zeros_like(eigenvalues))
@@ -74,4 +72,4 @@ class AlignedMTL(GradientBalancer):
         balance = (vectors * inv_sqrt) @ vectors.T * scale.clamp_min(0).sqrt()
         alpha = balance.sum(0)
         alpha = torch.where(kept.any(), alpha, torch.ones_like(alpha))
-        return Aggregation(alpha.to(jacobian.dtype), extras={"rank": kept.sum()})
+        return Aggregation(alpha.to(step.dtype), extras={"rank": kept.sum()})

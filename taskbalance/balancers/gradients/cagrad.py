@@ -5,12 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch import Tensor
 
-from ..base import Aggregation, GradientBalancer, GradientLevel
+from ..base import Aggregation, GradientBalancer, GradientLevel, GradientStep
 from ..inputs import NonFinitePolicy
 from ..registry import register
-from ._solvers import cagrad_weights, gramian
+from ._solvers import cagrad_weights
 
 __all__ = ["CAGrad"]
 
@@ -68,9 +67,9 @@ class CAGrad(GradientBalancer):
         self.norm_eps = norm_eps
         self.outer = outer
 
-    def aggregate(self, jacobian: Tensor, losses: Tensor, index: Tensor) -> Aggregation:
-        k = jacobian.shape[0]
-        w, gw_norm, g0_norm = cagrad_weights(gramian(jacobian), self.c, outer=self.outer)
+    def aggregate(self, step: GradientStep) -> Aggregation:
+        k = step.num_tasks
+        w, gw_norm, g0_norm = cagrad_weights(step.gramian, self.c, outer=self.outer)
         mean = torch.full_like(w, 1.0 / k)
         if self.c == 0:
             weights = mean
@@ -79,4 +78,4 @@ class CAGrad(GradientBalancer):
             coef = self.c * g0_norm / torch.where(usable, gw_norm, torch.ones_like(gw_norm))
             weights = torch.where(usable, mean + coef * w, torch.zeros_like(w))
         divisor = {0: 1.0, 1: 1.0 + self.c**2, 2: 1.0 + self.c}[self.rescale]
-        return Aggregation((weights / divisor).to(jacobian.dtype), extras={"dual_weights": w})
+        return Aggregation((weights / divisor).to(step.dtype), extras={"dual_weights": w})

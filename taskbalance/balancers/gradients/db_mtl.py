@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ...record import StepRecord
-from ..base import Aggregation, GradientBalancer, GradientLevel
+from ..base import Aggregation, GradientBalancer, GradientLevel, GradientStep
 from ..inputs import NonFinitePolicy
 from ..registry import register
 
@@ -46,6 +46,8 @@ class DBMTL(GradientBalancer):
       fresh balancer loads a checkpoint before its first step;
     * parameter-level gradients only (LibMTL refuses ``rep_grad``); losses must be ``≥ 0`` (checked).
     """
+
+    needs = "jacobian"
 
     takes_log_of_losses = True
     ema: Tensor
@@ -90,7 +92,8 @@ class DBMTL(GradientBalancer):
                 self.ema = torch.zeros(self.num_tasks, size, dtype=shared[0].dtype, device=shared[0].device)
         return super().backward(losses, shared=shared, features=features, **options)
 
-    def aggregate(self, jacobian: Tensor, losses: Tensor, index: Tensor) -> Aggregation:
+    def aggregate(self, step: GradientStep) -> Aggregation:
+        jacobian, losses, index = step.require_jacobian("db-mtl"), step.losses, step.index
         if self.ema.shape[1] != jacobian.shape[1]:
             if self.ema.shape[1] != 0:
                 raise ValueError(

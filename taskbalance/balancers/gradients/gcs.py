@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ...auxiliary.roles import resolve_roles
-from ..base import Aggregation, GradientBalancer, GradientLevel
+from ..base import Aggregation, GradientBalancer, GradientLevel, GradientStep
 from ..inputs import NonFinitePolicy
 from ..registry import register
 
@@ -32,6 +32,14 @@ def target_cosines(jacobian: Tensor, is_target: Tensor, eps: float = 1e-12) -> T
     reference = is_target.to(jacobian.dtype) @ jacobian
     dots = jacobian @ reference
     norms = jacobian.norm(dim=1) * reference.norm()
+    return dots / norms.clamp_min(eps)
+
+
+def target_cosines_from_gramian(gramian: Tensor, is_target: Tensor, eps: float = 1e-12) -> Tensor:
+    """:func:`target_cosines` from the Gramian ``G = J Jᵀ`` alone: ``(G t)_k / √(G_kk · tᵀG t)``."""
+    selector = is_target.to(gramian.dtype)
+    dots = gramian @ selector
+    norms = (gramian.diagonal().clamp_min(0) * (selector @ dots).clamp_min(0)).sqrt()
     return dots / norms.clamp_min(eps)
 
 
@@ -93,11 +101,11 @@ class GradientCosineSimilarity(GradientBalancer):
         mask[list(self.roles.target_index)] = True
         self.register_buffer("target_mask", mask, persistent=False)
 
-    def aggregate(self, jacobian: Tensor, losses: Tensor, index: Tensor) -> Aggregation:
-        is_target = self.target_mask[index]
-        cosine = target_cosines(jacobian, is_target)
+    def aggregate(self, step: GradientStep) -> Aggregation:
+        is_target = self.target_mask[step.index]
+        cosine = target_cosines_from_gramian(step.gramian, is_target).to(step.dtype)
         if self.mode == "unweighted":
-            auxiliary_weight = (cosine > 0).to(jacobian.dtype)
+            auxiliary_weight = (cosine > 0).to(step.dtype)
         else:
             auxiliary_weight = cosine.clamp_min(0)
         weights = torch.where(is_target, torch.ones_like(cosine), auxiliary_weight)

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ...record import StepRecord
-from ..base import Aggregation, GradientBalancer, GradientLevel
+from ..base import Aggregation, GradientBalancer, GradientLevel, GradientStep
 from ..inputs import NonFinitePolicy
 from ..registry import register
 from .pcgrad import RandomStateMixin
@@ -72,6 +72,7 @@ class GradDrop(RandomStateMixin, GradientBalancer):
     """
 
     scale_heads = False
+    needs = "jacobian"
     extra_state_fields = ("rng_state",)
     leak: Tensor
 
@@ -135,7 +136,8 @@ class GradDrop(RandomStateMixin, GradientBalancer):
             layout.append((batch_size, block.shape[1]))
         return torch.cat(pieces, dim=1), layout
 
-    def aggregate(self, jacobian: Tensor, losses: Tensor, index: Tensor) -> Aggregation:
+    def aggregate(self, step: GradientStep) -> Aggregation:
+        jacobian, losses, index = step.require_jacobian("graddrop"), step.losses, step.index
         k = jacobian.shape[0]
         statistics, layout = self._statistics(jacobian)
         uniform = torch.rand(statistics.shape[1], generator=self.generator, dtype=statistics.dtype)

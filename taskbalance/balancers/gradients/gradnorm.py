@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from ..base import Aggregation, GradientBalancer, GradientLevel
+from ..base import Aggregation, GradientBalancer, GradientLevel, GradientStep
 from ..inputs import NonFinitePolicy
 from ..registry import register
 
@@ -82,7 +82,8 @@ class GradNorm(GradientBalancer):
         logits = self.logits if index is None else self.logits[index]
         return logits.shape[0] * torch.softmax(logits, dim=0)
 
-    def aggregate(self, jacobian: Tensor, losses: Tensor, index: Tensor) -> Aggregation:
+    def aggregate(self, step: GradientStep) -> Aggregation:
+        losses, index = step.losses, step.index
         if self.epoch_count == 0:
             self.epoch0_loss_sum.index_add_(0, index, losses.to(self.epoch0_loss_sum.dtype))
             self.epoch0_loss_count.index_add_(0, index, torch.ones_like(self.epoch0_loss_count[index]))
@@ -95,7 +96,7 @@ class GradNorm(GradientBalancer):
 
         with torch.enable_grad():
             weights = self.weights(index)
-            weighted_norms = weights * jacobian.detach().norm(dim=1).to(weights.dtype)
+            weighted_norms = weights * step.gramian.diagonal().clamp_min(0).sqrt().to(weights.dtype)
             rate = losses / torch.where(reference > 0, reference, torch.ones_like(reference))
             relative_rate = rate / rate.mean().clamp_min(torch.finfo(rate.dtype).tiny)
             target = (weighted_norms.mean() * relative_rate**self.alpha).detach()

@@ -8,7 +8,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from ..base import Aggregation, GradientBalancer, GradientLevel
+from ..base import Aggregation, GradientBalancer, GradientLevel, GradientStep
 from ..inputs import NonFinitePolicy
 from ..registry import register
 from .pcgrad import RandomStateMixin, random_orders
@@ -140,15 +140,16 @@ class GradVac(RandomStateMixin, GradientBalancer):
         self._init_random(seed)
         self.register_buffer("targets", torch.zeros(self.num_tasks, self.num_tasks))
 
-    def aggregate(self, jacobian: Tensor, losses: Tensor, index: Tensor) -> Aggregation:
-        gramian = jacobian @ jacobian.T
-        orders = random_orders(jacobian.shape[0], self.generator, jacobian.device)
+    def aggregate(self, step: GradientStep) -> Aggregation:
+        index = step.index
+        orders = random_orders(step.num_tasks, self.generator, step.device)
         pair = (index[:, None], index[None, :])
         coefficients, targets = vaccinate(
-            gramian, orders, self.targets[pair], beta=self.beta, eps=self.eps, update=self.update_targets
+            step.gramian, orders, self.targets[pair], beta=self.beta, eps=self.eps, update=self.update_targets
         )
         self.targets.index_put_(pair, targets.to(self.targets.dtype))
-        return Aggregation(weights=coefficients.sum(dim=0), extras={"coefficients": coefficients})
+        weights = coefficients.sum(dim=0).to(step.dtype)
+        return Aggregation(weights=weights, extras={"coefficients": coefficients})
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, beta={self.beta}, seed={self.seed}"

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ...auxiliary.roles import resolve_roles
 from ...record import StepRecord
-from ..base import Aggregation, GradientBalancer, GradientLevel
+from ..base import Aggregation, GradientBalancer, GradientLevel, GradientStep
 from ..inputs import NonFinitePolicy
 from ..registry import register
 
@@ -109,6 +109,7 @@ class HydaLearn(GradientBalancer):
         self.main = roles.targets[0]
         self.main_index = roles.target_index[0]
         self.mode: Mode = mode
+        self.needs = "jacobian" if mode == "exact" else "gramian"
         self.lookahead_lr = lookahead_lr
         self.clip_negative = clip_negative
         self.normalize: Normalize | None = normalize
@@ -159,13 +160,13 @@ class HydaLearn(GradientBalancer):
         finally:
             self._main_loss_at, self._shared, self._main_absent = None, None, False
 
-    def aggregate(self, jacobian: Tensor, losses: Tensor, index: Tensor) -> Aggregation:
-        is_main = index == self.main_index
-        main_onehot = is_main.to(jacobian.dtype)
+    def aggregate(self, step: GradientStep) -> Aggregation:
+        is_main = step.index == self.main_index
+        main_onehot = is_main.to(step.dtype)
         if self.mode == "exact" and not self._main_absent:
-            gain = self._exact_gains(jacobian)
-        else:
-            gain = jacobian @ (main_onehot @ jacobian)  # first order: ⟨g_m, g_k⟩ per unit step
+            gain = self._exact_gains(step.require_jacobian("hydalearn mode='exact'"))
+        else:  # first order: ⟨g_m, g_k⟩ per unit step
+            gain = (step.gramian @ is_main.to(torch.float64)).to(step.dtype)
         main_gain = (gain * main_onehot).sum()
         valid = main_gain > 0
         ratio = gain / torch.where(valid, main_gain, torch.ones_like(main_gain))

@@ -7,10 +7,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from ..base import Aggregation, GradientBalancer, GradientLevel
+from ..base import Aggregation, GradientBalancer, GradientLevel, GradientStep
 from ..inputs import NonFinitePolicy
 from ..registry import register
-from ._solvers import gramian
 
 __all__ = ["IMTLG", "IMTL", "imtl_g_weights"]
 
@@ -31,8 +30,8 @@ def imtl_g_weights(gram: Tensor, rtol: float) -> Tensor:
     return torch.where(usable, v / torch.where(usable, total, torch.ones_like(total)), torch.zeros_like(v))
 
 
-def _rtol(jacobian: Tensor, k: int) -> float:
-    return k * torch.finfo(jacobian.dtype).eps
+def _rtol(dtype: torch.dtype, k: int) -> float:
+    return k * torch.finfo(dtype).eps
 
 
 @register(
@@ -53,9 +52,9 @@ class IMTLG(GradientBalancer):
 
     scale_heads = False
 
-    def aggregate(self, jacobian: Tensor, losses: Tensor, index: Tensor) -> Aggregation:
-        weights = imtl_g_weights(gramian(jacobian), _rtol(jacobian, jacobian.shape[0]))
-        return Aggregation(weights.to(jacobian.dtype))
+    def aggregate(self, step: GradientStep) -> Aggregation:
+        weights = imtl_g_weights(step.gramian, _rtol(step.dtype, step.num_tasks))
+        return Aggregation(weights.to(step.dtype))
 
 
 @register(
@@ -90,10 +89,11 @@ class IMTL(GradientBalancer):
         super().__init__(tasks, gradients=gradients, on_nonfinite=on_nonfinite)
         self.loss_scale = nn.Parameter(torch.zeros(self.num_tasks))
 
-    def aggregate(self, jacobian: Tensor, losses: Tensor, index: Tensor) -> Aggregation:
+    def aggregate(self, step: GradientStep) -> Aggregation:
+        losses, index = step.losses, step.index
         scale = self.loss_scale.detach()[index].to(torch.float64).exp()
-        scaled_gram = gramian(jacobian) * scale[:, None] * scale[None, :]
-        alpha = imtl_g_weights(scaled_gram, _rtol(jacobian, jacobian.shape[0]))
+        scaled_gram = step.gramian * scale[:, None] * scale[None, :]
+        alpha = imtl_g_weights(scaled_gram, _rtol(step.dtype, step.num_tasks))
         shared = alpha * scale
         grad = (scale * losses.to(torch.float64) - 1.0).to(self.loss_scale.dtype)
         full = torch.zeros_like(self.loss_scale).index_add(0, index, grad)
@@ -102,7 +102,7 @@ class IMTL(GradientBalancer):
         else:
             self.loss_scale.grad.add_(full)
         return Aggregation(
-            scale.to(jacobian.dtype),
-            direction=shared.to(jacobian.dtype) @ jacobian,
+            scale.to(step.dtype),
+            shared_weights=shared.to(step.dtype),
             extras={"shared_weights": shared, "imtl_g_weights": alpha},
         )

@@ -8,10 +8,10 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from ..base import Aggregation, GradientBalancer, GradientLevel
+from ..base import Aggregation, GradientBalancer, GradientLevel, GradientStep
 from ..inputs import NonFinitePolicy
 from ..registry import register
-from ._solvers import gramian, min_norm_weights
+from ._solvers import min_norm_weights
 
 __all__ = ["MGDA", "MGDAUB"]
 
@@ -83,12 +83,12 @@ class MGDA(GradientBalancer):
             scale = losses.to(gram.dtype) * norms
         return torch.where(scale > 0, scale, torch.ones_like(scale))
 
-    def aggregate(self, jacobian: Tensor, losses: Tensor, index: Tensor) -> Aggregation:
-        gram = gramian(jacobian)
-        normalizer = self._normalizers(gram, losses)
+    def aggregate(self, step: GradientStep) -> Aggregation:
+        gram = step.gramian
+        normalizer = self._normalizers(gram, step.losses)
         coefficients = min_norm_weights(gram / (normalizer[:, None] * normalizer[None, :]), self.iters)
         weights = coefficients / normalizer
-        return Aggregation(weights.to(jacobian.dtype), extras={"min_norm_coefficients": coefficients})
+        return Aggregation(weights.to(step.dtype), extras={"min_norm_coefficients": coefficients})
 
 
 @register(

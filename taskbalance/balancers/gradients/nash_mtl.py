@@ -7,10 +7,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ..base import Aggregation, GradientBalancer, GradientLevel
+from ..base import Aggregation, GradientBalancer, GradientLevel, GradientStep
 from ..inputs import NonFinitePolicy
 from ..registry import register
-from ._solvers import gramian, nash_weights
+from ._solvers import nash_weights
 
 __all__ = ["NashMTL"]
 
@@ -67,20 +67,22 @@ class NashMTL(GradientBalancer):
         self.optim_niter = optim_niter
         self.register_buffer("alpha", torch.ones(self.num_tasks, dtype=torch.float64))
 
-    def aggregate(self, jacobian: Tensor, losses: Tensor, index: Tensor) -> Aggregation:
+    def aggregate(self, step: GradientStep) -> Aggregation:
+        index = step.index
         extras: dict[str, Tensor] = {}
         if self.step_count % self.update_weights_every == 0:
-            gram = gramian(jacobian)
+            gram = step.gramian
             norm = torch.linalg.matrix_norm(gram)
             gram = gram / torch.where(norm > 0, norm, torch.ones_like(norm))
             alpha, residual = nash_weights(gram, self.alpha[index], iters=self.optim_niter)
             self.alpha.index_copy_(0, index, alpha)
             extras["residual"] = residual
         alpha = self.alpha[index]
-        direction = alpha.to(jacobian.dtype) @ jacobian
+        shared = alpha
         if self.max_norm > 0:
-            norm = torch.linalg.vector_norm(direction)
+            wide = alpha.to(torch.float64)
+            norm = (wide @ step.gramian @ wide).clamp_min(0).sqrt()  # ‖Σ α_k g_k‖ from the Gramian
             clip = (self.max_norm / norm.clamp_min(1e-30)).clamp(max=1.0)
-            direction = direction * clip
+            shared = alpha * clip.to(alpha.dtype)
             extras["clip_scale"] = clip
-        return Aggregation(alpha.to(jacobian.dtype), direction=direction, extras=extras)
+        return Aggregation(alpha.to(step.dtype), shared_weights=shared.to(step.dtype), extras=extras)

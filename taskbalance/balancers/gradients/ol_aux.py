@@ -9,10 +9,10 @@ import torch
 from torch import Tensor
 
 from ...auxiliary.roles import resolve_roles
-from ..base import Aggregation, GradientBalancer, GradientLevel
+from ..base import Aggregation, GradientBalancer, GradientLevel, GradientStep
 from ..inputs import NonFinitePolicy
 from ..registry import register
-from .gcs import target_cosines
+from .gcs import target_cosines_from_gramian
 
 __all__ = ["OnlineAuxiliaryWeighting"]
 
@@ -86,18 +86,19 @@ class OnlineAuxiliaryWeighting(GradientBalancer):
         self.register_buffer("weights", torch.ones(self.num_tasks))
         self.register_buffer("accumulated", torch.zeros(self.num_tasks))
 
-    def aggregate(self, jacobian: Tensor, losses: Tensor, index: Tensor) -> Aggregation:
+    def aggregate(self, step: GradientStep) -> Aggregation:
+        index = step.index
         is_target = self.target_mask[index]
         if self.similarity == "cosine":
-            similarity = target_cosines(jacobian, is_target)
+            similarity = target_cosines_from_gramian(step.gramian, is_target)
         else:
-            similarity = jacobian @ (is_target.to(jacobian.dtype) @ jacobian)
+            similarity = step.gramian @ is_target.to(step.gramian.dtype)
         increment = torch.where(is_target, torch.zeros_like(similarity), self.beta * similarity)
         self.accumulated.index_add_(0, index, increment.to(self.accumulated.dtype))
         if (self.step_count + 1) % self.update_every == 0:
             self.weights.add_(self.accumulated)
             self.accumulated.zero_()
-        weights = self.weights[index].to(jacobian.dtype)
+        weights = self.weights[index].to(step.dtype)
         return Aggregation(weights=weights, extras={"similarity": similarity.detach()})
 
     def extra_repr(self) -> str:

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ..base import Aggregation, GradientBalancer, GradientLevel
+from ..base import Aggregation, GradientBalancer, GradientLevel, GradientStep
 from ..inputs import NonFinitePolicy
 from ..registry import register
 
@@ -137,11 +137,11 @@ class PCGrad(RandomStateMixin, GradientBalancer):
         super().__init__(tasks, gradients=gradients, on_nonfinite=on_nonfinite)
         self._init_random(seed)
 
-    def aggregate(self, jacobian: Tensor, losses: Tensor, index: Tensor) -> Aggregation:
-        gramian = jacobian @ jacobian.T
-        orders = random_orders(jacobian.shape[0], self.generator, jacobian.device)
-        coefficients = project_conflicting(gramian, orders)
-        return Aggregation(weights=coefficients.sum(dim=0), extras={"coefficients": coefficients})
+    def aggregate(self, step: GradientStep) -> Aggregation:
+        orders = random_orders(step.num_tasks, self.generator, step.device)
+        coefficients = project_conflicting(step.gramian, orders)
+        weights = coefficients.sum(dim=0).to(step.dtype)
+        return Aggregation(weights=weights, extras={"coefficients": coefficients})
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, seed={self.seed}"

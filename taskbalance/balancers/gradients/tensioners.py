@@ -9,10 +9,10 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from ..base import Aggregation, GradientBalancer, GradientLevel
+from ..base import Aggregation, GradientBalancer, GradientLevel, GradientStep
 from ..inputs import NonFinitePolicy
 from ..registry import register
-from ._solvers import gramian, min_norm_weights
+from ._solvers import min_norm_weights
 
 __all__ = ["TaskTensioners", "central_direction_weights"]
 
@@ -124,8 +124,9 @@ class TaskTensioners(GradientBalancer):
         self.has_previous[index] = self.has_previous[index] | full
         return ratio, active
 
-    def aggregate(self, jacobian: Tensor, losses: Tensor, index: Tensor) -> Aggregation:
-        gram = gramian(jacobian)
+    def aggregate(self, step: GradientStep) -> Aggregation:
+        losses, index = step.losses, step.index
+        gram = step.gramian
         k = gram.shape[0]
         central, norms = central_direction_weights(gram)
         ratio, active = self._update_window(norms, index)
@@ -150,6 +151,6 @@ class TaskTensioners(GradientBalancer):
             weights = torch.where(conflict, repaired, weights)
         weights = torch.where((norms > 0).all(), weights, torch.zeros_like(weights))
         return Aggregation(
-            weights.to(jacobian.dtype),
+            weights.to(step.dtype),
             extras={"central_weights": central, "tensions": tau, "tension_active": active.all()},
         )

@@ -7,10 +7,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ..base import Aggregation, GradientBalancer, GradientLevel
+from ..base import Aggregation, GradientBalancer, GradientLevel, GradientStep
 from ..inputs import NonFinitePolicy
 from ..registry import register
-from ._solvers import dual_cone_weights, gramian
+from ._solvers import dual_cone_weights
 
 __all__ = ["UPGrad"]
 
@@ -56,15 +56,15 @@ class UPGrad(GradientBalancer):
         self.reg_eps = reg_eps
         self.iters = iters
 
-    def aggregate(self, jacobian: Tensor, losses: Tensor, index: Tensor) -> Aggregation:
-        gram = gramian(jacobian)
+    def aggregate(self, step: GradientStep) -> Aggregation:
+        gram = step.gramian
         k = gram.shape[0]
         preferences = self._preferences(k, gram)
         projected, converged = dual_cone_weights(
             gram, preferences, iters=self.iters, norm_eps=self.norm_eps, reg_eps=self.reg_eps
         )
         weights = projected.sum(0) if projected.dim() == 2 else projected
-        return Aggregation(weights.to(jacobian.dtype), extras={"solver_converged": converged.all()})
+        return Aggregation(weights.to(step.dtype), extras={"solver_converged": converged.all()})
 
     def _preferences(self, k: int, gram: Tensor) -> Tensor:
         """The weight vectors projected onto the dual cone: ``e_i / k`` for every task (UPGrad)."""
