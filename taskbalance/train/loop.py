@@ -197,11 +197,14 @@ def fit(
     model.to(device)
     balancer.to(device)
     optimizer = _make_optimizer(config, [*model.parameters(), *balancer.parameters()])
-    scheduler = (
-        torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
-        if config.scheduler == "cosine"
-        else None
-    )
+    scheduler: Any = None
+    if config.scheduler == "cosine":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+    elif config.scheduler == "plateau":
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="min", factor=config.plateau_factor, patience=config.plateau_patience,
+            min_lr=config.min_lr,
+        )
     generator = torch.Generator()
     state: dict[str, Any] = {
         "epoch": 0, "history": [], "weights": [], "reference": None, "best": None,
@@ -265,15 +268,17 @@ def fit(
             train_seconds = time.perf_counter() - started
             balancer.end_epoch()
             lr = optimizer.param_groups[0]["lr"]
-            if scheduler is not None:
+            if scheduler is not None and config.scheduler != "plateau":
                 scheduler.step()
             # Once per epoch: read this epoch's weights and mean losses on the host.
             weights = torch.stack(step_weights).float().cpu().tolist() if step_weights else []
             train_loss = (loss_sum / present_sum.clamp_min(1)).cpu().tolist()
             val, val_loss = evaluate(model, data.val, tasks, batch_size=config.eval_batch_size, device=device)
             if state["reference"] is None:
-                state["reference"] = dict(val)
+                state["reference"] = dict(config.selection_reference or val)
             score = selection_score(tasks, val, val_loss, state["reference"], config.selection)
+            if config.scheduler == "plateau" and math.isfinite(score):
+                scheduler.step(score)
             mean_weights = [sum(col) / len(col) for col in zip(*weights, strict=True)] if weights else []
             mean_weights = mean_weights or [math.nan] * len(names)
             entry = {
