@@ -132,7 +132,8 @@ def test_bad_configuration_raises_clear_errors(kwargs, error):
 # ---------------------------------------------------------------------- the schedule end to end
 def test_one_sgd_step_merge_equals_training_with_the_chosen_weight():
     """With one SGD step per segment and branches seeing the same batch, the merged model is exactly the model
-    trained with auxiliary weight Λ_joint (METHODS.md §3.2), through the whole ForkMerge machinery."""
+    trained with auxiliary weight Λ_joint (docs/method-notes.md §3.2), through the whole ForkMerge
+    machinery."""
     problem = Problem.make()
     torch.manual_seed(1)
     start = Net()

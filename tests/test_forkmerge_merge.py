@@ -82,7 +82,10 @@ def sgd_step(model_state: dict, weights: dict[str, float], x, y) -> dict:
 
 @pytest.mark.parametrize("lam", [0.0, 0.2, 0.5, 0.8, 1.0])
 def test_one_sgd_step_interpolation_equals_training_with_that_auxiliary_weight(lam):
-    """θ(λ) = (1 − λ) θ(0) + λ θ(1) for one plain SGD step (METHODS.md §3.2), BN buffers included."""
+    """θ(λ) = (1 − λ) θ(0) + λ θ(1) for one plain SGD step, BN buffers included.
+
+    docs/method-notes.md §3.2.
+    """
     torch.manual_seed(0)
     start = {k: v.clone() for k, v in ToyMultiTask(TASKS, norm=True).state_dict().items()}
     x, y = toy_batch(TASKS, seed=5)

@@ -1,4 +1,7 @@
-"""HydaLearn: auxiliary weights are main-task gains relative to the main task's own gain (METHODS.md §5.2)."""
+"""HydaLearn: auxiliary weights are main-task gains relative to the main task's own gain.
+
+Specification: docs/method-notes.md §5.2.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Task tensioners (METHODS.md §6.6): central direction, tension bounds, weight form, repair."""
+"""Task tensioners (docs/method-notes.md §6.4): central direction, tension bounds, weight form, repair."""
 
 import math
 

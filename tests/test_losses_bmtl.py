@@ -1,4 +1,4 @@
-"""BMTL (Liang & Zhang; METHODS.md §4.2 tests 1–5): minimise Σ h(L_k) with h(z) = exp(z/T)."""
+"""BMTL (Liang & Zhang; docs/method-notes.md §4.2): minimise Σ h(L_k) with h(z) = exp(z/T)."""
 
 from __future__ import annotations
 

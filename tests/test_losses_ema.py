@@ -1,4 +1,4 @@
-"""EMA loss weighting (METHODS.md §2.4): the properties that hold for the whole family."""
+"""EMA loss weighting (docs/method-notes.md §2.4): the properties that hold for the whole family."""
 
 from __future__ import annotations
 

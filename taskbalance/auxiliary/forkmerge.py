@@ -2,7 +2,7 @@
 
 Jiang, Chen, Pan, Wang, Liu, Jiang & Long, "ForkMerge: Mitigating Negative Transfer in Auxiliary-Task
 Learning", NeurIPS 2023 (arXiv:2301.12618); official code ``thuml/ForkMerge@develop``. Specification:
-``METHODS.md`` §3 and Appendix B; user guide: ``docs/auxiliary.md``.
+``docs/method-notes.md`` §3; user guide: ``docs/auxiliary.md``.
 """
 
 from __future__ import annotations
@@ -118,7 +118,8 @@ def _comparable(score: float) -> float:
 class ForkMerge:
     """ForkMerge: fork into branches with different task weights, then merge them on target validation.
 
-    **Algorithm** (official code ``auxiliary_task_scene_understanding/forkmerge.py``; ``METHODS.md`` §3.3):
+    **Algorithm** (official code ``auxiliary_task_scene_understanding/forkmerge.py``;
+    ``docs/method-notes.md`` §3.3):
 
     0. *Rank* the auxiliary tasks by short 1:1 joint runs with the targets (:meth:`rank_auxiliaries`;
        ``pruning_steps`` each) — only when the branches need a ranking.
@@ -142,7 +143,7 @@ class ForkMerge:
     10/200`` of ``total_steps`` (argparse default 10 epochs), ``eval_every = merge_every`` (the official code
     evaluates every epoch: pass your steps per epoch to reproduce it).
 
-    **Quirks of the official code, decided here** (``METHODS.md`` §3.9; see ``docs/auxiliary.md``):
+    **Quirks of the official code, decided here** (``docs/method-notes.md`` §3.4; see ``docs/auxiliary.md``):
 
     * ``branch_checkpoint="best_ever"`` (faithful): a branch merges its best-scoring checkpoint over the whole
       run, which may be *stale* (from before an earlier merge) if it did not improve in this segment. Also

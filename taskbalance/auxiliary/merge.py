@@ -3,7 +3,7 @@
 ForkMerge (Jiang et al., NeurIPS 2023, arXiv:2301.12618) merges branches trained with different task
 weights by
 ``θ = Σ_b Λ_b θ_b`` with ``Λ`` on the simplex; to first order this equals training with the mixed task-weight
-vector ``Σ_b Λ_b ν_b`` (paper Eq. 7/13; ``METHODS.md`` §3.2, App. B.2). ``Λ`` is chosen by the greedy
+vector ``Σ_b Λ_b ν_b`` (paper Eq. 7/13; ``docs/method-notes.md`` §3.2, §3.6). ``Λ`` is chosen by the greedy
 search of
 the paper's Algorithm 3, which is also what the official code does (§3.3 step 2).
 """
@@ -41,7 +41,8 @@ def merge_state_dicts(
     * Floating-point (and complex) tensors are combined, in their own dtype, in branch order.
     * Integer and bool tensors (e.g. BatchNorm's ``num_batches_tracked``) and non-tensor entries are taken
       from ``states[base]`` (cloned) — averaging a step counter is meaningless. Our choice; the official code
-      averages ``num_batches_tracked`` and writes it back into an integer buffer (``METHODS.md`` §3.9.3).
+      averages ``num_batches_tracked`` and writes it back into an integer buffer
+      (``docs/method-notes.md`` §3.4, item 3).
     * Keys for which ``include(key)`` is false are also taken from ``states[base]``.
 
     Args:

@@ -2,7 +2,8 @@
 
 * ``demo`` — QM9, the data helper's reduced protocol (a seeded random 20,000-molecule subset, 80/10/10 split,
   Coulomb-matrix-eigenvalue descriptor, standardised targets, MAE in the published units), the ``qm9`` MLP,
-  Adam 1e-3 with a cosine schedule, batch 256, 20 epochs (QM9-NOTES.md's probe); single-task baselines for the
+  Adam 1e-3 with a cosine schedule, batch 256, 20 epochs (the QM9 probe, docs/method-notes.md §8);
+  single-task baselines for the
   11 targets, then EW, UW, DWA, EMA, BMTL, FAMO, PCGrad, MGDA-UB, Nash-MTL and the task tensioners, 2 seeds.
   Budget: ≤ 10 minutes on 2 cores.
 * ``quick`` — the engine's ``tiny`` problem (3 tasks, ~100 samples), 3 epochs, EW/EMA/UW/PCGrad, 2 seeds:
@@ -14,7 +15,8 @@
   HydaLearn and ForkMerge, 3 seeds. Δm and verdicts are computed on the target only.
 * ``aux-qm9`` — QM9 under the ``demo`` protocol cut to 10 epochs (20,000 molecules, 80/10/10, the ``qm9``
   MLP, Adam 1e-3, cosine, batch 256) with **ZPVE as the target** and the other 10 properties as auxiliaries
-  (``dataset_options={"target": "zpve"}``): in QM9-NOTES.md's probe ZPVE pays most for sharing under EW
+  (``dataset_options={"target": "zpve"}``): in the QM9 probe (docs/method-notes.md §8) ZPVE pays most
+  for sharing under EW
   (+53 % MAE against single-task), so it is the property where auxiliaries can hurt. Same methods, 3 seeds;
   Δm and verdicts on ZPVE only. 10 epochs instead of 20 to fit the budget: the gradient-level methods
   compute an 11-task Jacobian every step (~5× EW's cost per step) and ForkMerge trains three branches.

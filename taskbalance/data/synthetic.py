@@ -4,8 +4,8 @@
 * :func:`synthetic_mmoe` — the MMoE generator with a controllable task correlation ρ.
 * :func:`synthetic_aux` — a scarce-label target task plus helpful and harmful (pure-noise) auxiliary tasks.
 
-These are **substitutions** for data the seed papers used but did not publish (METHODS.md §5.3); label
-results on them as such.
+These are **substitutions** for data the seed papers used but did not publish (docs/method-notes.md §5.3);
+label results on them as such.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def synthetic_scales(
     fractions: Sequence[float] = (0.6, 0.2, 0.2),
     standardise_targets: bool = False,
 ) -> MultiTaskData:
-    """GradNorm-style regression with per-task scales (Chen et al., ICML 2018, §4; METHODS.md §5.3 A).
+    """GradNorm-style regression with per-task scales (Chen et al., ICML 2018, §4; method notes §5.3 A).
 
     ``x ~ N(0, I_F)``, shared direction ``B ~ N(0, 1)^F``, per-task ``ε_k ~ N(0, 3.5)^F`` and
     ``y_k = σ_k · tanh((B + ε_k) x / sqrt(F))``. Dividing by ``sqrt(F)`` is **our choice**: without it the
@@ -115,7 +115,7 @@ def synthetic_mmoe(
     seed: int = 0,
     fractions: Sequence[float] = (0.8, 0.1, 0.1),
 ) -> MultiTaskData:
-    """MMoE's synthetic regression with task correlation ρ (Ma et al., KDD 2018, §3.2; METHODS.md §5.3 B).
+    """MMoE's synthetic regression with task correlation ρ (Ma et al., KDD 2018, §3.2; method notes §5.3 B).
 
     Orthonormal ``u_1, u_2``; ``w_1 = c u_1``, ``w_2 = c (ρ u_1 + sqrt(1 − ρ²) u_2)``; ``x ~ N(0, I_d)``;
     ``α_j, β_j ~ N(0, 0.01)``; ``y_k = w_kᵀx + Σ_{j=1..m} sin(α_j w_kᵀx + β_j) + ε``, ``ε ~ N(0, noise²)``

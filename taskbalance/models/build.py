@@ -40,7 +40,8 @@ def build_model(data: MultiTaskData, arch: str = "auto", **options: Any) -> Mult
 
     * ``"mlp"`` — hard sharing, MLP trunk over flattened inputs
       (``hidden=(256, 256)``, ``act="relu"``, ``dropout=0.0``, ``head_hidden=()``);
-    * ``"qm9"`` — the MLP of QM9-NOTES.md: 3 × 256, SiLU, linear heads (same options);
+    * ``"qm9"`` — the MLP of the QM9 probe (``docs/method-notes.md`` §8): 3 × 256, SiLU, linear heads
+      (same options);
     * ``"cnn"`` — hard sharing, the LeNet-style trunk of Sener & Koltun 2018 for images
       (``channels=(10, 20)``, ``out_features=50``, ``head_hidden=(50,)``: their 50-unit task towers);
     * ``"mmoe"`` — Multi-gate Mixture-of-Experts (``num_experts=8``, ``expert_hidden=(64,)``,

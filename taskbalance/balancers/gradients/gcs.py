@@ -55,8 +55,9 @@ class GradientCosineSimilarity(GradientBalancer):
     """GCS: keep an auxiliary gradient only when it points the same way as the target gradient.
 
     Du et al. (2018), Eq. for the "unweighted" and "weighted" variants, as implemented in the LibMTL copy
-    bundled with ForkMerge (``LibMTL/weighting/GCS.py``; ``METHODS.md`` §3.10). With ``g_m`` the target
-    gradient of the shared parameters and ``c_k = cos(g_k, g_m)``, the shared update is ``Σ_k w_k g_k`` with
+    bundled with ForkMerge (``LibMTL/weighting/GCS.py``; ``docs/method-notes.md`` §3.5). With ``g_m`` the
+    target gradient of the shared parameters and ``c_k = cos(g_k, g_m)``, the shared update is
+    ``Σ_k w_k g_k`` with
 
     * ``w_m = 1`` for the target;
     * ``w_k = 1[c_k > 0]`` (``mode="unweighted"``, the default) or ``w_k = max(0, c_k)`` (``"weighted"``)

@@ -2,7 +2,8 @@
 
 Paper: "HydaLearn: Highly Dynamic Task Weighting for Multi-task Learning with Auxiliary Tasks",
 arXiv:2008.11643; Applied Intelligence 53(5):5808–5822 (2023). Only the abstract and a third-party summary of
-the rule ``w_i / w_j = δ_i / δ_j`` could be read; the rest is the reconstruction of ``METHODS.md`` §5.2.
+the rule ``w_i / w_j = δ_i / δ_j`` could be read; the rest is the reconstruction of
+``docs/method-notes.md`` §5.2.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ _warned_loop = False
     description="Weight each auxiliary task by the main-task loss decrease its gradient step would bring.",
 )
 class HydaLearn(GradientBalancer):
-    """HydaLearn: per-batch weights from each task's gain on the main task (``METHODS.md`` §5.2).
+    """HydaLearn: per-batch weights from each task's gain on the main task (``docs/method-notes.md`` §5.2).
 
     The gain of task ``k`` is the decrease of the main loss ``L_m`` after a look-ahead step of size ``η``
     along its gradient ``g_k`` (w.r.t. the shared parameters). Weights satisfy ``w_i / w_j = δ_i / δ_j``

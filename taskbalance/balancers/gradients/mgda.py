@@ -33,7 +33,8 @@ class MGDA(GradientBalancer):
     """MGDA: the min-norm element of the convex hull of the task gradients (paper Eq. 3, Algorithm 2).
 
     ``c = argmin_{c ∈ Δ} ‖Σ_k c_k ĝ_k‖²`` with ``ĝ_k = g_k / n_k``; the shared update is ``Σ_k c_k ĝ_k``,
-    i.e. weights ``c_k / n_k`` on the raw gradients (LibMTL's convention, ``METHODS.md`` §8.3). The normaliser
+    i.e. weights ``c_k / n_k`` on the raw gradients (LibMTL's convention, ``docs/method-notes.md`` §7.3). The
+    normaliser
     ``n_k`` is chosen by ``mgda_gn`` (LibMTL default ``"none"``): ``"l2"`` = ``‖g_k‖``, ``"loss"`` = ``L_k``,
     ``"loss+"`` = ``L_k ‖g_k‖``; a zero normaliser is replaced by 1.
 

@@ -31,8 +31,9 @@ class OnlineAuxiliaryWeighting(GradientBalancer):
     """OL-AUX: auxiliary weights follow the running agreement of their gradients with the target gradient.
 
     As implemented in the LibMTL copy bundled with ForkMerge (``LibMTL/weighting/OLAUX.py``;
-    ``METHODS.md`` §3.10), a cosine version of Lin et al.'s online rule (their Eq. for the weight gradient
-    ``∇_w L_main = −η Σ ∇L_main^T ∇L_aux``, accumulated over N steps). Per step, with ``c_k = cos(g_k, g_m)``:
+    ``docs/method-notes.md`` §3.5), a cosine version of Lin et al.'s online rule (their Eq. for the weight
+    gradient ``∇_w L_main = −η Σ ∇L_main^T ∇L_aux``, accumulated over N steps). Per step, with
+    ``c_k = cos(g_k, g_m)``:
 
     1. accumulate ``a_k ← a_k + β c_k`` for each auxiliary task;
     2. every ``update_every`` steps (the 5th, 10th, …): ``w_k ← w_k + a_k`` and ``a_k ← 0``;

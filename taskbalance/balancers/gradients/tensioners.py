@@ -23,8 +23,8 @@ def central_direction_weights(gram: Tensor) -> tuple[Tensor, Tensor]:
     """Weights ``a`` (``Σ a = 1``) of the central direction ``d = Σ a_k g_k`` and the gradient norms.
 
     ``c* = argmin_{c∈Δ} ‖Σ c_k ĝ_k‖²`` on the unit gradients, ``a_k = γ c*_k / n_k`` with
-    ``γ = 1 / Σ c*_k / n_k`` (METHODS.md §6.2 A): ``d`` has equal cosine with every gradient with
-    ``c*_k > 0``.
+    ``γ = 1 / Σ c*_k / n_k`` (``docs/method-notes.md`` §6.2 A): ``d`` has equal cosine with every gradient
+    with ``c*_k > 0``.
     Zero gradients are treated as norm 1 here (the caller skips such steps).
     """
     norms = gram.diagonal().clamp_min(0).sqrt()
@@ -44,7 +44,7 @@ def central_direction_weights(gram: Tensor) -> tuple[Tensor, Tensor]:
     description="Central (equal-cosine) direction plus convergence-driven tension towards each task.",
 )
 class TaskTensioners(GradientBalancer):
-    """Central direction + task tensioners, as the official code (``METHODS.md`` §6.2).
+    """Central direction + task tensioners, as the official code (``docs/method-notes.md`` §6.2).
 
     Per step, on the Gramian: the central direction ``d = Σ a_k g_k`` (:func:`central_direction_weights`);
     the gradient norms ``n_k`` enter a sliding window of ``window`` steps (official ``MAX_BATCH_ITER = 10``);

@@ -66,7 +66,7 @@ def check_transform(
     description="Sum an increasing convex transform of each loss, h(L) = exp(L/T): harder tasks weigh more.",
 )
 class BMTL(LossBalancer):
-    """BMTL (``METHODS.md`` §4): minimise ``Σ_k h(L_k)`` with an increasing convex ``h``.
+    """BMTL (``docs/method-notes.md`` §4): minimise ``Σ_k h(L_k)`` with an increasing convex ``h``.
 
     Default ``h(z) = exp(z / T)``, ``T = 1.0`` (our choice: the paper's default is unread; sweep
     ``T ∈ {0.2, 0.5, 1, 2, 5, 10, 50}``). The effective weight is ``w_k = h'(L_k) = exp(L_k/T)/T``: the ratio

@@ -23,7 +23,7 @@ __all__ = ["DynamicWeightAverage"]
     description="Weight tasks by the softmax of how slowly their epoch-averaged losses decrease.",
 )
 class DynamicWeightAverage(LossBalancer):
-    """Dynamic weight average (paper Eq. 1; LibMTL ``DWA``, ``METHODS.md`` §8.2).
+    """Dynamic weight average (paper Eq. 1; LibMTL ``DWA``, ``docs/method-notes.md`` §7.2).
 
     With ``L̄_k(e)`` the training loss of task ``k`` averaged over epoch ``e``, for epoch ``e ≥ 2``::
 

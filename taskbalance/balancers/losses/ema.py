@@ -30,7 +30,7 @@ class EMALossWeighting(LossBalancer):
 
     The paper (abstract only readable) fixes the idea: scale each task loss directly by its observed
     magnitude, tracked with an exponential moving average, so that tasks with large losses stop dominating.
-    Everything else below is **our choice** (``METHODS.md`` §2.3), made configurable:
+    Everything else below is **our choice** (``docs/method-notes.md`` §2.3), made configurable:
 
     * magnitude ``ℓ_k = |sg(L_k)|`` (``magnitude="abs"``) or ``sg(L_k)`` (``"raw"``);
     * EMA per optimisation step: ``m_k ← β m_k + (1 − β) ℓ_k``, initialised from the first observation
@@ -171,7 +171,7 @@ class EMALossWeighting(LossBalancer):
         if self.detach:
             return (weights * losses).sum(), weights
         # Ablation only (reference="one", init="first"): the divisor m_k carries gradient through the
-        # current observation, d(L/m)/dθ gains the term −L (1−β)/m² ∇L (METHODS.md §2.3).
+        # current observation, d(L/m)/dθ gains the term −L (1−β)/m² ∇L (docs/method-notes.md §2.3).
         # The reported weights are then the exact derivatives d(L/(m+ε))/dL = (m + ε − L m') / (m + ε)².
         live = losses.abs() if self.magnitude == "abs" else losses
         divisor = torch.where(first, live, self.beta * previous.to(losses.dtype) + (1 - self.beta) * live)

@@ -26,7 +26,7 @@ LogitOptimizer = Literal["adam", "sgd"]
     description="Decrease all log-losses at an equal rate with logits learned from the loss change per step.",
 )
 class FAMO(LossBalancer):
-    """FAMO (paper Algorithm 1/2, Appendix C of ``METHODS.md``; LibMTL ``FAMO``).
+    """FAMO (paper Algorithm 1/2, ``docs/method-notes.md`` §7.2; LibMTL ``FAMO``).
 
     With logits ``ξ`` (start at 0), ``z = softmax(ξ)`` and ``ℓ_k = max(L_k − L_k^min, 0) + ε``, ``ε = 1e-8``::
 

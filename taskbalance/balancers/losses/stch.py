@@ -25,7 +25,7 @@ _TINY = 1e-20  # LibMTL's additive guard inside every logarithm
     description="Smooth maximum of log-losses normalised by a nadir point measured after a log-loss warm-up.",
 )
 class SmoothTchebycheff(LossBalancer):
-    """Smooth Tchebycheff scalarisation with LibMTL's multi-task recipe (``METHODS.md`` §8.2).
+    """Smooth Tchebycheff scalarisation with LibMTL's multi-task recipe (``docs/method-notes.md`` §7.2).
 
     * Epochs ``0 … warmup_epoch`` (inclusive): ``L = Σ_k log(L_k + 1e-20)``. During epoch ``warmup_epoch``
       the balancer averages the raw losses per task; at its end (``end_epoch()``) that mean becomes the

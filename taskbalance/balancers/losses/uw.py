@@ -25,7 +25,7 @@ __all__ = ["UncertaintyWeighting"]
 class UncertaintyWeighting(LossBalancer):
     """Uncertainty weighting with learnable log-variances ``s_k = log σ_k²``.
 
-    Objective (paper Eq. 7 with ``s = log σ²``, in LibMTL's form, ``METHODS.md`` §8.2)::
+    Objective (paper Eq. 7 with ``s = log σ²``, in LibMTL's form, ``docs/method-notes.md`` §7.2)::
 
         L = Σ_k [ L_k / (2 e^{s_k}) + s_k / 2 ]
 
