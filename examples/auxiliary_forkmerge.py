@@ -10,6 +10,7 @@ Compares, over 3 seeds, the target's validation and test MAE (lower is better) o
 
 Run: ``python examples/auxiliary_forkmerge.py`` (about a minute or two on 2 cores; ``--parallel`` trains
 ForkMerge's branches in 2 worker processes and prints the wall time of both executors).
+``TASKBALANCE_EXAMPLE_TINY=1`` (set by the docs test) runs one seed of 40 steps on 400 samples.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import functools
 import math
+import os
 import statistics
 import time
 from collections.abc import Mapping
@@ -28,10 +30,12 @@ import taskbalance as tb
 from taskbalance.auxiliary import Executor, ForkMerge, ForkMergeResult, ProcessExecutor, SerialExecutor
 from taskbalance.data import MultiTaskData, Split, load, present_losses
 
-STEPS = 400
+TINY = os.environ.get("TASKBALANCE_EXAMPLE_TINY") == "1"
+STEPS = 40 if TINY else 400
 BATCH = 64
 LR = 3e-3
-EVAL_EVERY = 50
+EVAL_EVERY = 10 if TINY else 50
+SAMPLES = 400 if TINY else 2000
 
 
 class Net(nn.Module):
@@ -117,7 +121,7 @@ def spread(values: list[float]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seeds", type=int, default=1 if TINY else 3)
     parser.add_argument("--parallel", action="store_true", help="also time ForkMerge with 2 worker processes")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -133,7 +137,7 @@ def main() -> None:
     lambdas: list[str] = []
     start = time.perf_counter()
     for seed in range(args.seeds):
-        data = load("synthetic_aux", n=2000, seed=seed)
+        data = load("synthetic_aux", n=SAMPLES, seed=seed)
         for label, method, options in methods:
             options = dict(options)
             tasks = options.pop("tasks", data.task_names)
@@ -152,7 +156,7 @@ def main() -> None:
         lambdas.append(f"seed {seed}: ranking (−val MAE) [{ranking}]; merges: " + " | ".join(mixed))
     elapsed = time.perf_counter() - start
 
-    print(f"synthetic_aux (n=2000, 10% target labels), {STEPS} steps, batch {BATCH}, Adam {LR}, "
+    print(f"synthetic_aux (n={SAMPLES}, 10% target labels), {STEPS} steps, batch {BATCH}, Adam {LR}, "
           f"{args.seeds} seeds")
     print(f"{'method':<12} {'val MAE':>16} {'test MAE':>16}")
     for label, values in results.items():
@@ -166,7 +170,7 @@ def main() -> None:
     print(f"wall time: {elapsed:.1f} s")
 
     if args.parallel:
-        data = load("synthetic_aux", n=2000, seed=0)
+        data = load("synthetic_aux", n=SAMPLES, seed=0)
         timings = {}
         executors: list[tuple[str, SerialExecutor | ProcessExecutor]] = [
             ("serial", SerialExecutor()), ("2 processes", ProcessExecutor(2, threads_per_worker=1))

@@ -31,7 +31,8 @@ the optimiser state in every checkpoint (``balancer.pt``), restored by ``train(r
 Limits (our choices): ``gradient_accumulation_steps`` must be 1 (every batch is one balancer step; raise the
 per-device batch instead). Multi-process (``accelerate launch``/``torchrun``): a
 :class:`~taskbalance.distributed.DistributedReducer` is attached, and for gradient-level methods the forward
-and balancer backward run under ``accelerator.no_sync(model)`` (see ``docs/scaling.md``); that path follows
+and balancer backward of a DDP-wrapped model (also one process under ``torchrun``) run under
+``model.no_sync()`` (see ``docs/scaling.md``); that path follows
 ``tests/test_ddp.py`` but is not run under a multi-process Trainer in our tests.
 """
 
@@ -135,11 +136,12 @@ class BalancedTrainer(Trainer):
         for parameter in balancer.parameters():  # the Trainer zeroes the model's gradients, not these
             parameter.grad = None
         gradient_level = balancer.info.family == "gradient"
-        sync_off = (
-            self.accelerator.no_sync(model)
-            if gradient_level and self.accelerator.num_processes > 1
-            else contextlib.nullcontext()
-        )
+        # DDP-wrapped (also with one process, e.g. under `torchrun --nproc-per-node 1`): a gradient method's
+        # partial backward would leave DDP's reducer waiting, so the step runs outside DDP's sync.
+        # (`accelerator.no_sync` is a no-op with one process even though the model is wrapped.)
+        sync_off: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+        if gradient_level and isinstance(model, nn.parallel.DistributedDataParallel):
+            sync_off = model.no_sync()
         with sync_off:
             with self.compute_loss_context_manager():
                 losses, outputs = self.compute_loss(model, inputs, return_outputs=True)
