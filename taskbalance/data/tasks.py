@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .metrics import DEFAULT_PRIMARY, HIGHER_IS_BETTER, METRICS
+
 __all__ = ["Task", "TaskKind", "TaskRole"]
 
 TaskKind = Literal["regression", "binary", "multiclass"]
 TaskRole = Literal["target", "auxiliary"]
-_METRICS = {"regression": ("mae", False), "binary": ("accuracy", True), "multiclass": ("accuracy", True)}
 
 
 @dataclass(frozen=True)
@@ -22,11 +23,13 @@ class Task:
 
     Attributes:
         name: unique name; balancers, records and reports key everything by it.
-        kind: ``"regression"`` (one output, MSE training loss, MAE metric), ``"binary"`` (one logit,
-            BCE-with-logits, accuracy) or ``"multiclass"`` (``num_classes`` logits, cross-entropy, accuracy).
+        kind: ``"regression"`` (one output, MSE training loss), ``"binary"`` (one logit, BCE-with-logits) or
+            ``"multiclass"`` (``num_classes`` logits, cross-entropy).
         num_classes: number of classes for ``"multiclass"``.
-        metric: name of the evaluation metric (default from ``kind``).
-        higher_is_better: direction of ``metric`` (default from ``kind``).
+        metric: the *primary* metric — model selection, Δm and verdicts use it; one of the kind's metrics in
+            :data:`taskbalance.data.metrics.METRICS` (default: ``auroc`` for binary, ``macro_f1`` for
+            multiclass, ``mae`` for regression). Every metric of the kind is computed and reported anyway.
+        higher_is_better: direction of ``metric`` (default from the metric).
         role: ``"target"`` or ``"auxiliary"``; Δm and verdicts of auxiliary-task studies use targets only.
         unit: unit of the metric in original units, for display (e.g. ``"meV"``).
         scale: regression targets are stored standardised; ``scale`` (the training std) converts an error
@@ -46,17 +49,33 @@ class Task:
     offset: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.kind not in _METRICS:
-            raise ValueError(f"task {self.name!r}: kind must be one of {sorted(_METRICS)}, got {self.kind!r}")
+        if self.kind not in METRICS:
+            raise ValueError(f"task {self.name!r}: kind must be one of {sorted(METRICS)}, got {self.kind!r}")
         if self.kind == "multiclass" and (self.num_classes is None or self.num_classes < 2):
             raise ValueError(f"task {self.name!r}: a multiclass task needs num_classes >= 2")
         if self.role not in ("target", "auxiliary"):
             raise ValueError(f"task {self.name!r}: role must be 'target' or 'auxiliary', got {self.role!r}")
-        metric, higher = _METRICS[self.kind]
         if not self.metric:
-            object.__setattr__(self, "metric", metric)
+            object.__setattr__(self, "metric", DEFAULT_PRIMARY[self.kind])
+        if self.metric not in METRICS[self.kind]:
+            raise ValueError(
+                f"task {self.name!r}: metric {self.metric!r} does not fit a {self.kind} task; "
+                f"choose one of {', '.join(METRICS[self.kind])}"
+            )
         if self.higher_is_better is None:
-            object.__setattr__(self, "higher_is_better", higher)
+            object.__setattr__(self, "higher_is_better", HIGHER_IS_BETTER[self.metric])
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        """Every metric computed for this task (its kind's), the primary one first."""
+        return (self.metric, *(m for m in METRICS[self.kind] if m != self.metric))
+
+    def with_primary_metric(self, metric: str | None) -> Task:
+        """This task with another primary metric (``None`` or ``""``: the kind's default); validated.
+
+        What a study file's or the CLI's per-task ``primary metric`` override goes through.
+        """
+        return replace(self, metric=metric or "", higher_is_better=None)
 
     @property
     def output_size(self) -> int:
@@ -85,9 +104,11 @@ class Task:
     def metric_sums(
         self, prediction: Tensor, target: Tensor, mask: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
-        """``(sum of per-sample metric values, number of labelled samples)`` for streaming evaluation.
+        """``(sum of per-sample values, number of labelled samples)``: streaming MAE or accuracy.
 
-        MAE is reported in original units (multiplied by :attr:`scale`); accuracy as a fraction.
+        MAE is reported in original units (multiplied by :attr:`scale`); accuracy as a fraction. Whatever the
+        primary metric; the trainer's evaluation computes every metric with
+        :func:`taskbalance.data.metrics.task_metrics` instead (AUROC and F1 cannot be streamed as sums).
         """
         if self.kind == "regression":
             values = (prediction.reshape(-1) - target.reshape(-1).to(prediction.dtype)).abs() * self.scale

@@ -30,11 +30,14 @@ from torch import Tensor, nn
 
 from ..balancers.base import Balancer
 from ..data.base import MultiTaskData, Split
+from ..data.metrics import METRICS, task_metrics
 from ..data.tasks import Task
 from .checkpoint import CHECKPOINT_FORMAT, capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from .config import TrainConfig
 
-__all__ = ["fit", "evaluate", "FitResult", "seed_everything", "selection_score", "EpochCallback"]
+__all__ = [
+    "fit", "evaluate", "evaluate_metrics", "FitResult", "seed_everything", "selection_score", "EpochCallback",
+]
 
 EpochCallback = Callable[[int, dict[str, Any], nn.Module], None]
 
@@ -45,8 +48,9 @@ class FitResult:
 
     Attributes:
         tasks: task names, in the order of every per-task list below.
-        test: test metric per task, of the selected epoch (the test split is read once, at the end).
-        val: validation metric per task at the selected epoch.
+        test: test value of each task's primary metric (``task.metric``), of the selected epoch (the test
+            split is read once, at the end).
+        val: validation primary metric per task at the selected epoch.
         selected_epoch: 1-based epoch whose weights were kept (chosen on validation only).
         history: one dict per epoch: ``epoch``, ``lr``, ``train_loss`` and ``val``/``val_loss`` per task,
             ``score`` (selection criterion, lower is better), ``weights`` (mean balancer weight per task),
@@ -57,6 +61,8 @@ class FitResult:
         peak_memory_mb: on CUDA ``torch.cuda.max_memory_allocated``; on CPU the process's peak resident set
             size (``getrusage`` maxrss), which includes the Python interpreter and torch itself.
         steps: optimisation steps taken in total.
+        test_metrics: every test metric of each task's kind (``{task: {metric: value}}``, e.g. AUROC,
+            average precision and accuracy of a binary task), of the selected epoch.
     """
 
     tasks: list[str]
@@ -68,6 +74,7 @@ class FitResult:
     ms_per_step: float = float("nan")
     peak_memory_mb: float = float("nan")
     steps: int = 0
+    test_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def seed_everything(seed: int) -> None:
@@ -86,37 +93,62 @@ def evaluate(
     batch_size: int = 2048,
     device: torch.device | str | None = None,
 ) -> tuple[dict[str, float], dict[str, float]]:
-    """Metric and mean loss per task over the labelled samples of ``split`` (``nan`` if a task has none).
+    """Primary metric (``task.metric``) and mean loss per task over the labelled samples of ``split``.
 
-    Sums stay on the device and are read once at the end. The model's train/eval mode is restored.
+    ``nan`` for a task without labelled samples. See :func:`evaluate_metrics` for every metric.
+    """
+    metrics, losses = evaluate_metrics(model, split, tasks, batch_size=batch_size, device=device)
+    return {t.name: metrics[t.name][t.metric] for t in tasks}, losses
+
+
+def evaluate_metrics(
+    model: nn.Module,
+    split: Split,
+    tasks: Sequence[Task],
+    *,
+    batch_size: int = 2048,
+    device: torch.device | str | None = None,
+) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+    """Every metric of each task's kind (:func:`taskbalance.data.metrics.task_metrics`) and the mean loss.
+
+    Predictions of labelled samples stay on the device (AUROC and macro-F1 need them all, not running sums)
+    and the results are read on the host once at the end. The model's train/eval mode is restored.
     """
     device = torch.device(device) if device is not None else _device_of(model)
     was_training = model.training
     model.eval()
-    k = len(tasks)
-    metric_sums: list[Tensor] = [torch.zeros((), device=device) for _ in range(k)]
-    loss_sums: list[Tensor] = [torch.zeros((), device=device) for _ in range(k)]
-    counts: list[Tensor] = [torch.zeros((), device=device) for _ in range(k)]
+    kept: dict[str, list[tuple[Tensor, Tensor]]] = {t.name: [] for t in tasks}
+    loss_sums: list[Tensor] = [torch.zeros((), device=device) for _ in tasks]
+    counts: list[Tensor] = [torch.zeros((), device=device) for _ in tasks]
     try:
         with torch.no_grad():
             for x, y, mask in split.batches(batch_size):
                 _, predictions = model(x.to(device))
                 for i, task in enumerate(tasks):
                     target, labelled = y[task.name].to(device), mask[task.name].to(device)
-                    value, count = task.metric_sums(predictions[task.name], target, labelled)
-                    metric_sums[i] = metric_sums[i] + value.float()
-                    counts[i] = counts[i] + count.float()
+                    count = labelled.sum().float()
+                    counts[i] = counts[i] + count
                     loss = task.loss(predictions[task.name], target, labelled).float()
                     loss_sums[i] = loss_sums[i] + loss * count
+                    keep = labelled.reshape(-1)
+                    kept[task.name].append((predictions[task.name][keep], target[keep]))
     finally:
         model.train(was_training)
-    host = torch.stack([torch.stack(metric_sums), torch.stack(loss_sums), torch.stack(counts)]).cpu().tolist()
-    metrics: dict[str, float] = {}
-    losses: dict[str, float] = {}
-    for i, task in enumerate(tasks):
-        count = host[2][i]
-        metrics[task.name] = host[0][i] / count if count > 0 else math.nan
-        losses[task.name] = host[1][i] / count if count > 0 else math.nan
+    values: list[Tensor] = []
+    for task in tasks:
+        parts = kept[task.name]
+        prediction = torch.cat([p for p, _ in parts]) if parts else torch.zeros(0, device=device)
+        target = torch.cat([t for _, t in parts]) if parts else torch.zeros(0, device=device)
+        values += [v.double() for v in task_metrics(task, prediction, target).values()]
+    losses_host = (torch.stack(loss_sums) / torch.stack(counts)).double()
+    host = torch.cat([torch.stack(values), losses_host]).cpu().tolist() if values else []
+    metrics: dict[str, dict[str, float]] = {}
+    position = 0
+    for task in tasks:
+        names = METRICS[task.kind]
+        metrics[task.name] = dict(zip(names, host[position : position + len(names)], strict=True))
+        position += len(names)
+    losses = {t.name: host[position + i] for i, t in enumerate(tasks)}
     return metrics, losses
 
 
@@ -323,7 +355,10 @@ def fit(
     if best is None:  # only when resuming a checkpoint of a run with zero epochs left and no selection
         raise RuntimeError("no epoch was trained; nothing to select")
     model.load_state_dict(best["model"])
-    test, _ = evaluate(model, data.test, tasks, batch_size=config.eval_batch_size, device=device)
+    test_metrics, _ = evaluate_metrics(
+        model, data.test, tasks, batch_size=config.eval_batch_size, device=device
+    )
+    test = {t.name: test_metrics[t.name][t.metric] for t in tasks}
     steps = state["steps"]
     return FitResult(
         tasks=names,
@@ -335,6 +370,7 @@ def fit(
         ms_per_step=1000.0 * state["train_seconds"] / steps if steps else math.nan,
         peak_memory_mb=_peak_memory_mb(device),
         steps=steps,
+        test_metrics=test_metrics,
     )
 
 
