@@ -89,3 +89,33 @@ def test_new_options_leave_existing_protocol_hashes_alone_and_are_validated() ->
         TrainConfig(plateau_factor=1.5)
     with pytest.raises(ValueError, match="non-zero"):
         TrainConfig(selection_reference={"a": 0.0})
+
+
+def test_balancer_parameters_train_at_their_own_learning_rate() -> None:
+    import torch
+
+    data = tiny_data(binary=())
+    seen: dict[str, list[float]] = {}
+    original = torch.optim.Adam.__init__
+
+    def spy(self, params, *args, **kwargs):  # type: ignore[no-untyped-def]
+        groups = list(params)
+        seen["lrs"] = [g.get("lr", kwargs.get("lr")) if isinstance(g, dict) else kwargs.get("lr")
+                       for g in groups]
+        original(self, groups, *args, **kwargs)
+
+    torch.optim.Adam.__init__ = spy  # type: ignore[method-assign]
+    try:
+        config = TrainConfig(epochs=1, batch_size=16, lr=1e-3, balancer_lr=0.025, eval_batch_size=64)
+        seed_everything(0)
+        uw = tb.make("uw", data.task_names)
+        before = [p.detach().clone() for p in uw.parameters()]
+        fit(TinyModel(data), data, uw, config, seed=0)
+    finally:
+        torch.optim.Adam.__init__ = original  # type: ignore[method-assign]
+    assert seen["lrs"] == [1e-3, 0.025]  # the model group at lr, the balancer group at its own
+    moved = max(float((p.detach() - b).abs().max()) for p, b in zip(uw.parameters(), before, strict=True))
+    assert moved > 1e-3 * 3  # Adam moves ~lr per step: faster than the model's 1e-3 could
+    assert "balancer_lr" not in TrainConfig().to_dict()
+    with pytest.raises(ValueError, match="balancer_lr"):
+        TrainConfig(balancer_lr=0.0)

@@ -228,7 +228,15 @@ def fit(
     device = torch.device(device) if device is not None else _device_of(model)
     model.to(device)
     balancer.to(device)
-    optimizer = _make_optimizer(config, [*model.parameters(), *balancer.parameters()])
+    balancer_parameters = list(balancer.parameters())
+    if config.balancer_lr is not None and balancer_parameters:  # a parameter group of its own
+        groups: list[Any] = [
+            {"params": list(model.parameters())},
+            {"params": balancer_parameters, "lr": config.balancer_lr},
+        ]
+        optimizer = _make_optimizer(config, groups)
+    else:
+        optimizer = _make_optimizer(config, [*model.parameters(), *balancer_parameters])
     scheduler: Any = None
     if config.scheduler == "cosine":
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
@@ -381,7 +389,7 @@ def _device_of(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _make_optimizer(config: TrainConfig, parameters: list[nn.Parameter]) -> torch.optim.Optimizer:
+def _make_optimizer(config: TrainConfig, parameters: list[Any]) -> torch.optim.Optimizer:
     if config.optimizer == "adam":
         return torch.optim.Adam(parameters, lr=config.lr, weight_decay=config.weight_decay)
     if config.optimizer == "adamw":
