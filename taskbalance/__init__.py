@@ -8,6 +8,7 @@ Quick start::
     optimizer.step()
 """
 
+from ._version import __version__ as __version__
 from .balancers import (
     Aggregation,
     Balancer,
@@ -21,8 +22,6 @@ from .balancers import (
 )
 from .errors import NonFiniteLossError, TaskError
 from .record import StepRecord
-
-__version__ = "0.1.0"
 
 __all__ = [
     "Aggregation",
