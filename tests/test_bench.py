@@ -11,7 +11,7 @@ from taskbalance.bench.runner import STL, RunSpec, execute, restrict_tasks
 from taskbalance.bench.store import ResultsStore
 from taskbalance.bench.study import Study, run_study, summarize
 from taskbalance.bench.suites import SUITES, MethodEntry, get_suite, parse_methods, split_available
-from taskbalance.bench.tiny import tiny_data
+from taskbalance.data.tiny import tiny_data
 from taskbalance.diagnostics import compare_study
 from taskbalance.train import TrainConfig
 

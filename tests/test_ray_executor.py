@@ -23,7 +23,7 @@ from taskbalance.bench.runner import RunResult, RunSpec  # noqa: E402
 from taskbalance.bench.store import ResultsStore  # noqa: E402
 from taskbalance.bench.study import Study, run_study  # noqa: E402
 from taskbalance.bench.suites import get_suite  # noqa: E402
-from taskbalance.bench.tiny import tiny_data  # noqa: E402
+from taskbalance.data.tiny import tiny_data  # noqa: E402
 
 pytestmark = pytest.mark.slow
 ENVIRONMENT_BEFORE = dict(os.environ)

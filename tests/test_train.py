@@ -10,7 +10,8 @@ import torch
 
 import taskbalance as tb
 from taskbalance.balancers.losses.equal import EqualWeighting
-from taskbalance.bench.tiny import TinyModel, tiny_data
+from taskbalance.data.tiny import tiny_data
+from taskbalance.models.tiny import TinyModel
 from taskbalance.train import TrainConfig, evaluate, fit, load_checkpoint, save_checkpoint, seed_everything
 
 CONFIG = TrainConfig(epochs=4, batch_size=16, lr=1e-2, eval_batch_size=64)

@@ -19,7 +19,8 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 
-from .runner import RunResult, RunSpec, _now, execute
+from .runner import execute
+from .spec import RunResult, RunSpec, now
 
 __all__ = ["Executor", "SerialExecutor", "LocalProcessExecutor", "make_executor", "EXECUTORS"]
 
@@ -111,11 +112,11 @@ def _result_of(future: Future[RunResult], spec: RunSpec) -> RunResult:
         return future.result()
     except BrokenProcessPool as error:  # a worker died (killed, out of memory): report, do not hang
         return RunResult(
-            spec=spec, status="failed", error=f"worker process died: {error}", finished_at=_now()
+            spec=spec, status="failed", error=f"worker process died: {error}", finished_at=now()
         )
     except Exception as error:  # pickling problems and the like
         return RunResult(
-            spec=spec, status="failed", error=f"{type(error).__name__}: {error}", finished_at=_now()
+            spec=spec, status="failed", error=f"{type(error).__name__}: {error}", finished_at=now()
         )
 
 

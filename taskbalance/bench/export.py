@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .store import ResultsStore
+from .store import ResultsStore, RunRecord
 
 __all__ = ["export_runs", "flatten_runs"]
 
@@ -33,21 +33,21 @@ _FIXED = (
 )
 
 
-def flatten_runs(runs: list[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
+def flatten_runs(runs: list[RunRecord]) -> tuple[list[str], list[dict[str, Any]]]:
     """Columns and rows: fixed columns, then ``test/<task>`` and ``val/<task>`` metrics."""
     tasks: list[str] = []
     for run in runs:
-        for name in run.get("metrics") or {}:
+        for name in run.metrics:
             if name not in tasks:
                 tasks.append(name)
     columns = [*_FIXED, *(f"test/{t}" for t in tasks), *(f"val/{t}" for t in tasks)]
     rows = []
     for run in runs:
-        row = {c: run.get(c) for c in _FIXED}
-        row["hyperparameters"] = json.dumps(run["hyperparameters"], sort_keys=True)
+        row = {c: run[c] for c in _FIXED}
+        row["hyperparameters"] = json.dumps(run.hyperparameters, sort_keys=True)
         for t in tasks:
-            row[f"test/{t}"] = (run.get("metrics") or {}).get(t)
-            row[f"val/{t}"] = (run.get("val_metrics") or {}).get(t)
+            row[f"test/{t}"] = run.metrics.get(t)
+            row[f"val/{t}"] = run.val_metrics.get(t)
         rows.append(row)
     return columns, rows
 

@@ -43,7 +43,8 @@ from contextlib import contextmanager
 from typing import Any
 
 from .executor import Executor
-from .runner import RunResult, RunSpec, _now, execute
+from .runner import execute
+from .spec import RunResult, RunSpec, now
 
 __all__ = ["RayExecutor", "DEFAULT_OBJECT_STORE_MB"]
 
@@ -273,8 +274,8 @@ class RayExecutor(Executor):
             result = ray.get(ref)
         except Exception as error:  # the worker died, the task was cancelled, a result failed to pickle
             message = f"Ray task failed: {type(error).__name__}: {error}"
-            return RunResult(spec=spec, status="failed", error=message, finished_at=_now())
+            return RunResult(spec=spec, status="failed", error=message, finished_at=now())
         if not isinstance(result, RunResult):
             problem = f"the run returned {type(result).__name__}, not a RunResult"
-            return RunResult(spec=spec, status="failed", error=problem, finished_at=_now())
+            return RunResult(spec=spec, status="failed", error=problem, finished_at=now())
         return result

@@ -23,12 +23,14 @@ import sqlite3
 import subprocess
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .runner import RunResult, RunSpec
+from .keys import RunKey, run_key
+from .spec import RunResult, RunSpec
 
-__all__ = ["ResultsStore", "git_revision", "STORE_NAME"]
+__all__ = ["ResultsStore", "RunRecord", "git_revision", "STORE_NAME"]
 
 STORE_NAME = "results.sqlite"
 _SCHEMA = """
@@ -66,6 +68,63 @@ CREATE TABLE IF NOT EXISTS curves (
 );
 """
 _JSON_COLUMNS = ("protocol", "tasks", "metrics", "val_metrics")
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One stored run (a row of ``runs``), JSON columns decoded.
+
+    ``tasks``/``metrics``/``val_metrics`` are empty until the run is ``done``. Item access
+    (``record["seed"]``) reads the attribute of that name, for readers written against the earlier dict rows.
+    """
+
+    id: int
+    dataset: str
+    protocol_hash: str
+    method: str
+    hyperparameters: dict[str, Any]
+    seed: int
+    label: str
+    status: str
+    protocol: dict[str, Any]
+    tasks: list[dict[str, Any]] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+    val_metrics: dict[str, float] = field(default_factory=dict)
+    selected_epoch: int | None = None
+    ms_per_step: float | None = None
+    peak_memory_mb: float | None = None
+    steps: int | None = None
+    wall_seconds: float | None = None
+    package_version: str | None = None
+    git_revision: str | None = None
+    started_at: str | None = None
+    finished_at: str | None = None
+    error: str | None = None
+    attempts: int = 0
+
+    @property
+    def key(self) -> RunKey:
+        """The run's key (:func:`~taskbalance.bench.keys.run_key`), comparable with ``RunSpec.key``."""
+        return run_key(self.dataset, self.protocol_hash, self.method, self.hyperparameters, self.seed)
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in self.__dataclass_fields__:
+            raise KeyError(name)
+        return getattr(self, name)
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return getattr(self, name, default) if name in self.__dataclass_fields__ else default
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> RunRecord:
+        item = dict(row)
+        for column in (*_JSON_COLUMNS, "hyperparameters"):
+            if item[column] is not None:
+                item[column] = json.loads(item[column])
+        for column, empty in (("tasks", list), ("metrics", dict), ("val_metrics", dict)):
+            if item[column] is None:
+                item[column] = empty()
+        return cls(**item)
 
 
 def git_revision() -> str | None:
@@ -220,7 +279,7 @@ class ResultsStore:
                 )
 
     # ------------------------------------------------------------------ reading
-    def done_keys(self) -> set[tuple[str, str, str, str, int]]:
+    def done_keys(self) -> set[RunKey]:
         rows = self._db.execute(
             "SELECT dataset, protocol_hash, method, hyperparameters, seed FROM runs WHERE status = 'done'"
         ).fetchall()
@@ -228,8 +287,8 @@ class ResultsStore:
 
     def runs(
         self, *, status: str | None = None, dataset: str | None = None, protocol_hash: str | None = None
-    ) -> list[dict[str, Any]]:
-        """Rows as dicts, JSON columns decoded (``hyperparameters`` too), ordered by id."""
+    ) -> list[RunRecord]:
+        """Stored runs as :class:`RunRecord`, ordered by id."""
         clauses, params = [], []
         for column, value in (("status", status), ("dataset", dataset), ("protocol_hash", protocol_hash)):
             if value is not None:
@@ -237,14 +296,7 @@ class ResultsStore:
                 params.append(value)
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         rows = self._db.execute(f"SELECT * FROM runs {where} ORDER BY id", params).fetchall()
-        out = []
-        for row in rows:
-            item = dict(row)
-            for column in (*_JSON_COLUMNS, "hyperparameters"):
-                if item[column] is not None:
-                    item[column] = json.loads(item[column])
-            out.append(item)
-        return out
+        return [RunRecord.from_row(row) for row in rows]
 
     def curves(self, run_id: int) -> dict[str, Any]:
         """``{name: decoded JSON}`` of one run's curves (``history``, ``weights``)."""

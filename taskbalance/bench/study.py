@@ -23,8 +23,9 @@ from ..diagnostics.stats import Correction
 from ..diagnostics.transfer import DELTA_M_CONVENTION, TransferSummary, compare_study
 from ..train.config import TrainConfig
 from .executor import Executor
-from .runner import STL, RunResult, RunSpec
-from .store import ResultsStore
+from .kinds import STL, is_baseline
+from .spec import RunResult, RunSpec
+from .store import ResultsStore, RunRecord
 from .suites import MethodEntry, Suite
 
 __all__ = ["Study", "run_study", "summarize", "StudySummary", "MethodSummary", "TaskInfo"]
@@ -129,12 +130,12 @@ def run_study(
     return len(pending), skipped
 
 
-def _mean(values: Sequence[float]) -> float:
+def _mean(values: Sequence[float | None]) -> float:
     finite = [v for v in values if v is not None and math.isfinite(v)]
     return sum(finite) / len(finite) if finite else math.nan
 
 
-def _std(values: Sequence[float]) -> float:
+def _std(values: Sequence[float | None]) -> float:
     finite = [v for v in values if v is not None and math.isfinite(v)]
     if len(finite) < 2:
         return math.nan
@@ -163,21 +164,21 @@ class StudySummary:
     tasks: list[TaskInfo]
     baseline: MethodSummary | None
     methods: list[MethodSummary]
-    failed: list[dict[str, Any]] = field(default_factory=list)
+    failed: list[RunRecord] = field(default_factory=list)
     unfinished: int = 0
     convention: str = DELTA_M_CONVENTION
     correction_text: str = ""  # the multiple-comparison correction the verdicts used, for every output
 
 
-def _summarise_rows(label: str, method: str, rows: list[dict[str, Any]], names: list[str]) -> MethodSummary:
+def _summarise_rows(label: str, method: str, rows: list[RunRecord], names: list[str]) -> MethodSummary:
     return MethodSummary(
         label=label,
         method=method,
         seeds=len(rows),
-        metric_mean={n: _mean([r["metrics"].get(n, math.nan) for r in rows]) for n in names},
-        metric_std={n: _std([r["metrics"].get(n, math.nan) for r in rows]) for n in names},
-        ms_per_step=_mean([r["ms_per_step"] for r in rows]),
-        peak_memory_mb=max((r["peak_memory_mb"] or math.nan for r in rows), default=math.nan),
+        metric_mean={n: _mean([r.metrics.get(n, math.nan) for r in rows]) for n in names},
+        metric_std={n: _std([r.metrics.get(n, math.nan) for r in rows]) for n in names},
+        ms_per_step=_mean([r.ms_per_step for r in rows]),
+        peak_memory_mb=max((r.peak_memory_mb or math.nan for r in rows), default=math.nan),
     )
 
 
@@ -196,25 +197,20 @@ def summarize(
     study's (method, task) tests (:func:`taskbalance.diagnostics.transfer.compare_study`).
     """
     keys = {s.key: s for s in specs}
-    rows = [
-        r
-        for r in store.runs()
-        if (r["dataset"], r["protocol_hash"], r["method"], _canonical(r["hyperparameters"]), r["seed"])
-        in keys
-    ]
-    done = [r for r in rows if r["status"] == "done"]
-    failed = [r for r in rows if r["status"] == "failed"]
+    rows = [r for r in store.runs() if r.key in keys]
+    done = [r for r in rows if r.status == "done"]
+    failed = [r for r in rows if r.status == "failed"]
     unfinished = len(keys) - len(done) - len(failed)
     tasks = [
         TaskInfo(t["name"], t["metric"], t["higher_is_better"], t["role"], t.get("unit", ""))
-        for t in (done[0]["tasks"] if done else [])
+        for t in (done[0].tasks if done else [])
     ]
     names = [t.name for t in tasks]
-    stl_rows = [r for r in done if r["method"] == STL]
+    stl_rows = [r for r in done if is_baseline(r.method)]
     baselines: dict[str, dict[int, float]] = {}
     for row in stl_rows:
-        task = row["hyperparameters"]["task"]
-        baselines.setdefault(task, {})[row["seed"]] = row["metrics"][task]
+        task = row.hyperparameters["task"]
+        baselines.setdefault(task, {})[row.seed] = row.metrics[task]
     baseline = None
     if stl_rows:
         baseline = MethodSummary(
@@ -223,16 +219,16 @@ def summarize(
             seeds=len(stl_rows) // max(1, len(baselines)),
             metric_mean={n: _mean(list(baselines.get(n, {}).values())) for n in names},
             metric_std={n: _std(list(baselines.get(n, {}).values())) for n in names},
-            ms_per_step=_mean([r["ms_per_step"] for r in stl_rows]),
-            peak_memory_mb=max((r["peak_memory_mb"] or math.nan for r in stl_rows), default=math.nan),
+            ms_per_step=_mean([r.ms_per_step for r in stl_rows]),
+            peak_memory_mb=max((r.peak_memory_mb or math.nan for r in stl_rows), default=math.nan),
         )
-    by_label: dict[str, list[dict[str, Any]]] = {}
+    by_label: dict[str, list[RunRecord]] = {}
     for row in done:
-        if row["method"] != STL:
-            by_label.setdefault(row["label"], []).append(row)
-    order = list(dict.fromkeys(s.display for s in specs if s.method != STL))
+        if not is_baseline(row.method):
+            by_label.setdefault(row.label, []).append(row)
+    order = list(dict.fromkeys(s.display for s in specs if not is_baseline(s.method)))
     methods = [
-        _summarise_rows(label, by_label[label][0]["method"], by_label[label], names)
+        _summarise_rows(label, by_label[label][0].method, by_label[label], names)
         for label in order
         if by_label.get(label)
     ]
@@ -240,7 +236,7 @@ def summarize(
     correction_text = ""
     if methods and scored and all(baselines.get(t.name) for t in scored):
         comparison = compare_study(
-            {m.label: {r["seed"]: r["metrics"] for r in by_label[m.label]} for m in methods},
+            {m.label: {r.seed: r.metrics for r in by_label[m.label]} for m in methods},
             baselines,
             tasks,
             targets_only=targets_only,
@@ -251,9 +247,3 @@ def summarize(
             item.transfer = comparison.methods[item.label]
         correction_text = comparison.correction_text
     return StudySummary(tasks, baseline, methods, failed, unfinished, correction_text=correction_text)
-
-
-def _canonical(value: dict[str, Any]) -> str:
-    import json
-
-    return json.dumps(value, sort_keys=True, separators=(",", ":"))

@@ -145,8 +145,7 @@ def parse_methods(text: str) -> tuple[MethodEntry, ...]:
 def split_available(entries: tuple[MethodEntry, ...]) -> tuple[list[MethodEntry], list[MethodEntry]]:
     """``(runnable, not runnable)`` entries: registered balancers and the runner's own run kinds
     (``forkmerge``) are runnable."""
-    from ..balancers.registry import available
-    from .runner import FORKMERGE
+    from .kinds import listable_methods
 
-    known = {m.name for m in available()} | {FORKMERGE}
+    known = set(listable_methods())
     return [e for e in entries if e.method in known], [e for e in entries if e.method not in known]

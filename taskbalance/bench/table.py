@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from .kinds import is_baseline
 from .study import MethodSummary, StudySummary
 
 __all__ = ["render_summary", "VERDICT_MARKS", "VERDICT_RULE", "VERDICT_LEGEND"]
@@ -56,7 +57,7 @@ def _metric_row(item: MethodSummary, names: list[str]) -> list[str]:
         delta = _signed(item.transfer.delta_m)
         cells.append(delta if not math.isfinite(spread) else f"{delta}±{format_value(spread, 2)}")
     else:
-        cells.append("0 (ref)" if item.method == "stl" else "–")
+        cells.append("0 (ref)" if is_baseline(item.method) else "–")
     cells.append(format_value(item.ms_per_step, 3))
     return cells
 

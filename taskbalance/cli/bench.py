@@ -77,7 +77,7 @@ def bench_command(
             description=f"{name} with the default protocol",
             dataset=name,
             dataset_options=options,
-            arch="tiny" if name == "tiny" else "auto",
+            arch="auto",
             methods=SUITES["demo"].methods,
         )
     entries = check_methods(methods) if methods is not None else chosen.methods

@@ -78,7 +78,7 @@ def dataset_source(
         fail("give a dataset: --dataset NAME (see the list below) or --csv PATH --target column:kind")
     from ..data import available_datasets
 
-    known = ["tiny", *available_datasets()]
+    known = available_datasets()
     if dataset not in known:
         fail(f"unknown dataset {dataset!r}; available: {', '.join(known)}")
     return dataset, {}, ""
@@ -94,13 +94,17 @@ def load_data(name: str, options: dict[str, Any]) -> Any:
 
 
 def check_methods(text: str) -> Any:
-    from ..balancers.registry import method_info
+    from ..bench.kinds import kind_of, listable_methods
     from ..bench.suites import parse_methods
 
     try:
         entries = parse_methods(text)
-        for entry in entries:
-            method_info(entry.method)
     except ValueError as error:
         fail(str(error))
+    accepted = listable_methods()
+    for entry in entries:
+        if entry.method not in accepted or not kind_of(entry.method).listable:
+            fail(
+                f"unknown balancing method {entry.method!r}; accepted: {', '.join(repr(m) for m in accepted)}"
+            )
     return entries

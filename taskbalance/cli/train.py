@@ -60,7 +60,7 @@ def train_command(
     data = load_data(name, options)
     seed_everything(seed)
     try:
-        model = build_network(data, "tiny" if name == "tiny" and arch == "auto" else arch, {})
+        model = build_network(data, arch, {})
         balancer = tb.make(method, data.task_names, **hyperparameters)
     except (ValueError, TypeError) as error:
         fail(str(error))

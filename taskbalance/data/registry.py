@@ -26,6 +26,7 @@ _LOADERS: dict[str, str | Loader] = {
     "synthetic_mmoe": "taskbalance.data.synthetic:synthetic_mmoe",
     "synthetic_aux": "taskbalance.data.synthetic:synthetic_aux",
     "table": "taskbalance.data.table:load_table",
+    "tiny": "taskbalance.data.tiny:tiny_data",
 }
 
 

@@ -11,11 +11,16 @@ from torch import nn
 from ..data.base import MultiTaskData
 from .base import MultiTaskModel, make_head
 from .mmoe import MMoE
+from .tiny import TinyModel
 from .trunks import ConvTrunk, MLPTrunk
 
 __all__ = ["build_model", "ARCHITECTURES"]
 
-ARCHITECTURES = ("auto", "mlp", "cnn", "qm9", "mmoe", "mpnn")
+ARCHITECTURES = ("auto", "mlp", "cnn", "qm9", "mmoe", "mpnn", "tiny")
+_DEFAULT_ARCH = {"qm9": "qm9", "qm9_graph": "mpnn", "tiny": "tiny"}
+"""``arch="auto"`` by dataset name (``cnn`` for image inputs, ``mlp`` for the rest)."""
+_MODEL_CLASSES = {"tiny": TinyModel}
+"""Architectures that are one model class taking ``(data, **options)`` (options: the class's ``DEFAULTS``)."""
 
 
 def _hard_sharing(
@@ -50,8 +55,9 @@ def build_model(data: MultiTaskData, arch: str = "auto", **options: Any) -> Mult
     * ``"mpnn"`` — the message-passing network of the published QM9 protocol for graph datasets
       (``qm9_graph``): NNConv + GRU × 3 + Set2Set, linear heads (``channels=64``, ``edge_hidden=128``,
       ``steps=3``, ``set2set_steps=3``); see :mod:`taskbalance.models.mpnn`;
+    * ``"tiny"`` — the 2-layer tanh MLP of the ``tiny`` test dataset (``width=16``, ``dropout=0.0``);
     * ``"auto"`` — ``cnn`` for image inputs ``(C, H, W)``, ``qm9`` for the ``qm9`` dataset, ``mpnn`` for
-      ``qm9_graph``, ``mlp`` otherwise.
+      ``qm9_graph``, ``tiny`` for ``tiny``, ``mlp`` otherwise.
 
     Seed the global RNG (``torch.manual_seed``) before calling for reproducible initial weights.
     """
@@ -59,10 +65,7 @@ def build_model(data: MultiTaskData, arch: str = "auto", **options: Any) -> Mult
         raise ValueError(f"arch must be one of {ARCHITECTURES}, got {arch!r}")
     shape = data.input_shape
     if arch == "auto":
-        arch = (
-            "cnn" if len(shape) == 3 else "qm9" if data.name == "qm9"
-            else "mpnn" if data.name == "qm9_graph" else "mlp"
-        )
+        arch = "cnn" if len(shape) == 3 else _DEFAULT_ARCH.get(data.name, "mlp")
     in_features = math.prod(shape)
     opts = dict(options)
 
@@ -74,6 +77,8 @@ def build_model(data: MultiTaskData, arch: str = "auto", **options: Any) -> Mult
             )
         return {**allowed, **opts}
 
+    if arch in _MODEL_CLASSES:
+        return _MODEL_CLASSES[arch](data, **take(_MODEL_CLASSES[arch].DEFAULTS))
     if arch in ("mlp", "qm9"):
         defaults: dict[str, Any] = (
             {"hidden": (256, 256, 256), "act": "silu", "dropout": 0.0, "head_hidden": ()}

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ..bench.runner import STL, RunSpec
-from ..bench.store import ResultsStore
+from ..bench.store import ResultsStore, RunRecord
 from ..bench.study import MethodSummary, StudySummary, summarize
 from ..bench.table import VERDICT_MARKS
 from ..diagnostics.stats import t_quantile
@@ -188,7 +188,7 @@ def relative_change_matrix(
 
 
 # ---------------------------------------------------------------------------------------------- loading
-def _spec_from_row(row: dict[str, Any]) -> RunSpec:
+def _spec_from_row(row: RunRecord) -> RunSpec:
     protocol = row["protocol"]
     return RunSpec(
         dataset=row["dataset"],
@@ -207,24 +207,19 @@ def _spec_from_row(row: dict[str, Any]) -> RunSpec:
 def _section(
     store: ResultsStore,
     specs: Sequence[RunSpec],
-    rows: list[dict[str, Any]],
+    rows: list[RunRecord],
     *,
     targets_only: bool,
     level: float,
 ) -> Section:
     summary = summarize(store, specs, targets_only=targets_only, alpha=1.0 - level)
     keys = {s.key for s in specs}
-    mine = [
-        r
-        for r in rows
-        if (r["dataset"], r["protocol_hash"], r["method"], _canonical(r["hyperparameters"]), r["seed"])
-        in keys
-    ]
+    mine = [r for r in rows if r.key in keys]
     done = [r for r in mine if r["status"] == "done"]
     histories: dict[str, list[list[dict[str, Any]]]] = {}
     baseline_histories: dict[str, list[list[dict[str, Any]]]] = {}
     weights: dict[str, list[list[list[float]]]] = {}
-    representative: dict[str, dict[str, Any]] = {}
+    representative: dict[str, RunRecord] = {}
     for row in sorted(done, key=lambda r: (r["seed"], r["id"])):
         curves = store.curves(row["id"])
         history = curves.get("history") or []
@@ -246,7 +241,8 @@ def _section(
         if chosen is not None:
             view.representative_run, view.representative_seed = chosen["id"], chosen["seed"]
         views.append(view)
-    first: dict[str, Any] = mine[0] if mine else {"dataset": specs[0].dataset, "protocol": specs[0].protocol}
+    fallback = {"dataset": specs[0].dataset, "protocol": specs[0].protocol}
+    first: RunRecord | dict[str, Any] = mine[0] if mine else fallback
     return Section(
         dataset=first["dataset"],
         protocol_hash=specs[0].protocol_hash,
@@ -260,12 +256,6 @@ def _section(
         targets_only=targets_only,
         level=level,
     )
-
-
-def _canonical(value: dict[str, Any]) -> str:
-    import json
-
-    return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
 def load_sections(
@@ -283,7 +273,7 @@ def load_sections(
     rows = store.runs()
     if specs is not None:
         return [_section(store, list(specs), rows, targets_only=targets_only, level=level)] if specs else []
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    groups: dict[tuple[str, str], list[RunRecord]] = {}
     for row in rows:
         groups.setdefault((row["dataset"], row["protocol_hash"]), []).append(row)
     ordered = sorted(groups.values(), key=lambda group: -max(r["id"] for r in group))

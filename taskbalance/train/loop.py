@@ -32,11 +32,13 @@ from ..balancers.base import Balancer
 from ..data.base import MultiTaskData, Split
 from ..data.metrics import METRICS, task_metrics
 from ..data.tasks import Task
+from ..record import StepRecord
 from .checkpoint import CHECKPOINT_FORMAT, capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from .config import TrainConfig
 
 __all__ = [
     "fit", "evaluate", "evaluate_metrics", "FitResult", "seed_everything", "selection_score", "EpochCallback",
+    "train_step", "make_optimizer", "present_tasks", "peak_memory_mb",
 ]
 
 EpochCallback = Callable[[int, dict[str, Any], nn.Module], None]
@@ -234,9 +236,9 @@ def fit(
             {"params": list(model.parameters())},
             {"params": balancer_parameters, "lr": config.balancer_lr},
         ]
-        optimizer = _make_optimizer(config, groups)
+        optimizer = make_optimizer(config, groups)
     else:
-        optimizer = _make_optimizer(config, [*model.parameters(), *balancer_parameters])
+        optimizer = make_optimizer(config, [*model.parameters(), *balancer_parameters])
     scheduler: Any = None
     if config.scheduler == "cosine":
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
@@ -282,23 +284,11 @@ def fit(
             model.train()
             started = time.perf_counter()
             for x, y, mask in data.train.batches(config.batch_size, generator, shuffle=True):
-                present = _present_tasks(names, partial, mask)
+                present = present_tasks(names, partial, mask)
                 if not present:
                     bars.step()
                     continue
-                x = x.to(device)
-                optimizer.zero_grad(set_to_none=True)
-                features, predictions = model(x)
-                targets = {n: y[n].to(device) for n in present}
-                masks = {n: mask[n].to(device) for n in present}
-                losses = {n: by_name[n].loss(predictions[n], targets[n], masks[n]) for n in present}
-                record = balancer.backward(losses, shared=trunk.parameters(), features=features)
-                optimizer.step()
-                if balancer.needs_post_step_losses:
-                    with torch.no_grad():
-                        _, after = model(x)
-                        again = {n: by_name[n].loss(after[n], targets[n], masks[n]) for n in present}
-                    balancer.after_step(again)
+                record = train_step(model, trunk, balancer, optimizer, by_name, present, x, y, mask, device)
                 loss_sum += record.losses.detach().to(loss_sum.dtype)
                 present_sum += record.present.to(present_sum.dtype)
                 step_weights.append(record.weights.detach())
@@ -376,10 +366,53 @@ def fit(
         history=list(state["history"]),
         weights=list(state["weights"]),
         ms_per_step=1000.0 * state["train_seconds"] / steps if steps else math.nan,
-        peak_memory_mb=_peak_memory_mb(device),
+        peak_memory_mb=peak_memory_mb(device),
         steps=steps,
         test_metrics=test_metrics,
     )
+
+
+def train_step(
+    model: nn.Module,
+    trunk: nn.Module,
+    balancer: Balancer,
+    optimizer: torch.optim.Optimizer,
+    tasks: Mapping[str, Task],
+    present: Sequence[str],
+    x: Tensor,
+    y: Mapping[str, Tensor],
+    mask: Mapping[str, Tensor],
+    device: torch.device,
+    loss_weights: Mapping[str, float] | None = None,
+) -> StepRecord:
+    """One optimisation step of the trainer: forward, each present task's loss, ``balancer.backward``,
+    ``optimizer.step()``, and ``balancer.after_step`` when the method asks for the post-step losses.
+
+    ``present`` are the tasks with a labelled sample in the batch (see :func:`fit`); ``tasks`` maps names
+    to :class:`~taskbalance.data.Task`; ``trunk`` is the model's shared part (``shared=`` of the balancer).
+    ``loss_weights`` multiplies each task's loss before balancing (ForkMerge's branch weights ``ν_t``; our
+    extension of the step, default none). :func:`fit` and the ForkMerge run kind both train through it.
+    """
+    x = x.to(device)
+    optimizer.zero_grad(set_to_none=True)
+    features, predictions = model(x)
+    targets = {n: y[n].to(device) for n in present}
+    masks = {n: mask[n].to(device) for n in present}
+
+    def task_losses(out: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        losses = {n: tasks[n].loss(out[n], targets[n], masks[n]) for n in present}
+        if loss_weights is not None:
+            losses = {n: loss_weights[n] * loss for n, loss in losses.items()}
+        return losses
+
+    record = balancer.backward(task_losses(predictions), shared=trunk.parameters(), features=features)
+    optimizer.step()
+    if balancer.needs_post_step_losses:
+        with torch.no_grad():
+            _, after = model(x)
+            again = task_losses(after)
+        balancer.after_step(again)
+    return record
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -389,7 +422,7 @@ def _device_of(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _make_optimizer(config: TrainConfig, parameters: list[Any]) -> torch.optim.Optimizer:
+def make_optimizer(config: TrainConfig, parameters: list[Any]) -> torch.optim.Optimizer:
     if config.optimizer == "adam":
         return torch.optim.Adam(parameters, lr=config.lr, weight_decay=config.weight_decay)
     if config.optimizer == "adamw":
@@ -397,7 +430,7 @@ def _make_optimizer(config: TrainConfig, parameters: list[Any]) -> torch.optim.O
     return torch.optim.SGD(parameters, lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
 
 
-def _present_tasks(names: list[str], partial: list[str], mask: Mapping[str, Tensor]) -> list[str]:
+def present_tasks(names: list[str], partial: list[str], mask: Mapping[str, Tensor]) -> list[str]:
     """Tasks with at least one labelled sample; reads only the host-side batch masks (no device sync)."""
     if not partial:
         return names
@@ -410,7 +443,7 @@ def _clone_state(model: nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _peak_memory_mb(device: torch.device) -> float:
+def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
