@@ -39,6 +39,8 @@ class MethodInfo:
         paper: reference (authors, venue, year, arXiv id).
         description: one line.
         cls: the implementing class.
+        extension: what of the method is **our extension** rather than the source's (``""``: none), shown
+            in ``taskbalance methods`` and marked in the README's methods table.
     """
 
     name: str
@@ -48,6 +50,7 @@ class MethodInfo:
     paper: str
     description: str
     cls: type
+    extension: str = ""
 
     @property
     def cost(self) -> str:
@@ -71,6 +74,7 @@ def register(
     paper: str,
     description: str,
     feature_level: FeatureLevel = "no",
+    extension: str = "",
 ) -> Callable[[B], B]:
     """Class decorator adding a balancer to the registry under ``name``."""
 
@@ -78,7 +82,7 @@ def register(
         if name in _REGISTRY and _REGISTRY[name].cls is not cls:
             raise RuntimeError(f"method name {name!r} registered twice")
         needs = frozenset({"losses"} if family == "loss" else {"losses", "jacobian"})
-        info = MethodInfo(name, family, needs, feature_level, paper, description, cls)
+        info = MethodInfo(name, family, needs, feature_level, paper, description, cls, extension)
         _REGISTRY[name] = info
         cls.info = info  # type: ignore[attr-defined]
         return cls

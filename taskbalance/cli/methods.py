@@ -15,5 +15,6 @@ def methods_command() -> None:
     for column in ("name", "family", "feature-level gradients", "cost per step", "description"):
         table.add_column(column)
     for info in available():
-        table.add_row(info.name, info.family, info.feature_level, info.cost, info.description)
+        description = info.description + (f" [our extension: {info.extension}]" if info.extension else "")
+        table.add_row(info.name, info.family, info.feature_level, info.cost, description)
     make_console().print(table)

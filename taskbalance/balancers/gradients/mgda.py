@@ -17,6 +17,8 @@ __all__ = ["MGDA", "MGDAUB"]
 
 Normalizer = Literal["none", "l2", "loss", "loss+"]
 _NORMALIZERS = ("none", "l2", "loss", "loss+")
+Apply = Literal["raw", "normalized"]
+_APPLY = ("raw", "normalized")
 _PAPER = (
     "Sener & Koltun, 'Multi-Task Learning as Multi-Objective Optimization', NeurIPS 2018 (arXiv:1810.04650)"
 )
@@ -32,11 +34,21 @@ _PAPER = (
 class MGDA(GradientBalancer):
     """MGDA: the min-norm element of the convex hull of the task gradients (paper Eq. 3, Algorithm 2).
 
-    ``c = argmin_{c ∈ Δ} ‖Σ_k c_k ĝ_k‖²`` with ``ĝ_k = g_k / n_k``; the shared update is ``Σ_k c_k ĝ_k``,
-    i.e. weights ``c_k / n_k`` on the raw gradients (LibMTL's convention, ``docs/method-notes.md`` §7.3). The
-    normaliser
-    ``n_k`` is chosen by ``mgda_gn`` (LibMTL default ``"none"``): ``"l2"`` = ``‖g_k‖``, ``"loss"`` = ``L_k``,
-    ``"loss+"`` = ``L_k ‖g_k‖``; a zero normaliser is replaced by 1.
+    ``c = argmin_{c ∈ Δ} ‖Σ_k c_k ĝ_k‖²`` with ``ĝ_k = g_k / n_k``. The normaliser ``n_k`` is chosen by
+    ``mgda_gn`` (LibMTL default ``"none"``): ``"l2"`` = ``‖g_k‖``, ``"loss"`` = ``L_k``, ``"loss+"`` =
+    ``L_k ‖g_k‖``; a zero normaliser is replaced by 1. How ``c`` is applied (``mgda_gn_apply``; the same when
+    ``mgda_gn="none"``):
+
+    * ``"raw"`` (default): the update is ``Σ_k c_k g_k`` — the official code
+      (``intel-isl/MultiObjectiveOptimization``: normalised gradients only in the solver, then ``Σ_k c_k L_k``
+      back-propagated) and LibMTL's ``rep_grad`` (feature-level) path;
+    * ``"normalized"``: the update is ``Σ_k c_k ĝ_k``, i.e. weights ``c_k / n_k`` on the raw gradients —
+      LibMTL's parameter-mode convention (``docs/method-notes.md`` §7.3; this class's behaviour before
+      ``mgda_gn_apply`` existed).
+
+    QM9 is sensitive to this (demo protocol, MGDA-UB, Δm against single-task, measured on our code):
+    ``mgda_gn="none"`` +14 % (the known bias towards small-gradient tasks); ``"l2"`` about −1 % with
+    ``"normalized"`` and +4 % with ``"raw"``.
 
     The simplex QP is solved exactly by an active-set method on the Gramian (:mod:`._solvers`), instead of the
     paper's Frank–Wolfe (250 iterations, tolerance 1e-5): same problem, tighter answer.
@@ -48,6 +60,7 @@ class MGDA(GradientBalancer):
     Args:
         tasks: task names.
         mgda_gn: gradient normaliser, one of ``"none"``, ``"l2"``, ``"loss"``, ``"loss+"``.
+        mgda_gn_apply: ``"raw"`` (official code) or ``"normalized"`` (LibMTL parameter mode); see above.
         iters: active-set iterations (``0``: ``2k + 4``, always enough in our tests).
         gradients: ``"parameters"`` or ``"features"``.
         on_nonfinite: see :class:`~taskbalance.Balancer`.
@@ -60,6 +73,7 @@ class MGDA(GradientBalancer):
         tasks: Sequence[str],
         *,
         mgda_gn: Normalizer = "none",
+        mgda_gn_apply: Apply = "raw",
         iters: int = 0,
         gradients: GradientLevel = "parameters",
         on_nonfinite: NonFinitePolicy = "raise",
@@ -67,6 +81,9 @@ class MGDA(GradientBalancer):
         super().__init__(tasks, gradients=gradients, on_nonfinite=on_nonfinite)
         if mgda_gn not in _NORMALIZERS:
             raise ValueError(f"mgda_gn must be one of {_NORMALIZERS}, got {mgda_gn!r}")
+        if mgda_gn_apply not in _APPLY:
+            raise ValueError(f"mgda_gn_apply must be one of {_APPLY}, got {mgda_gn_apply!r}")
+        self.mgda_gn_apply: Apply = mgda_gn_apply
         if iters < 0:
             raise ValueError(f"iters must be >= 0 (0 = automatic), got {iters}")
         self.mgda_gn: Normalizer = mgda_gn
@@ -88,7 +105,7 @@ class MGDA(GradientBalancer):
         gram = step.gramian
         normalizer = self._normalizers(gram, step.losses)
         coefficients = min_norm_weights(gram / (normalizer[:, None] * normalizer[None, :]), self.iters)
-        weights = coefficients / normalizer
+        weights = coefficients / normalizer if self.mgda_gn_apply == "normalized" else coefficients
         return Aggregation(weights.to(step.dtype), extras={"min_norm_coefficients": coefficients})
 
 
@@ -110,8 +127,12 @@ class MGDAUB(MGDA):
         tasks: Sequence[str],
         *,
         mgda_gn: Normalizer = "none",
+        mgda_gn_apply: Apply = "raw",
         iters: int = 0,
         gradients: GradientLevel = "features",
         on_nonfinite: NonFinitePolicy = "raise",
     ) -> None:
-        super().__init__(tasks, mgda_gn=mgda_gn, iters=iters, gradients=gradients, on_nonfinite=on_nonfinite)
+        super().__init__(
+            tasks, mgda_gn=mgda_gn, mgda_gn_apply=mgda_gn_apply, iters=iters, gradients=gradients,
+            on_nonfinite=on_nonfinite,
+        )
