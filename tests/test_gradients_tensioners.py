@@ -1,5 +1,6 @@
-"""Task tensioners (docs/method-notes.md §6.4): central direction, tension bounds, weight form, repair (faithful, official 2-task code);
-our K >= 3 extension (centred tension, tension scaled to the central direction); history memory."""
+"""Task tensioners (docs/method-notes.md §6.4): central direction, tension bounds, weight form, repair
+(faithful, official 2-task code); our K >= 3 extension (centred tension, tension scaled to the central
+direction); history memory."""
 
 import math
 
