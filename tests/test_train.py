@@ -139,7 +139,7 @@ def test_resume_with_a_learnable_balancer_restores_its_parameters_and_optimiser(
 def test_resume_refuses_a_checkpoint_from_another_protocol(tmp_path: Path):
     data = tiny_data()
     run(data, "ew", TrainConfig(epochs=1, batch_size=32), checkpoint=tmp_path / "c.pt")
-    with pytest.raises(ValueError, match="another protocol"):
+    with pytest.raises(ValueError, match="belongs to another run.*protocol"):
         run(data, "ew", TrainConfig(epochs=2, batch_size=32), checkpoint=tmp_path / "c.pt", resume=True)
 
 

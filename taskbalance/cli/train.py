@@ -64,9 +64,18 @@ def train_command(
         balancer = tb.make(method, data.task_names, **hyperparameters)
     except (ValueError, TypeError) as error:
         fail(str(error))
-    result = fit(
-        model, data, balancer, config, seed=seed, device=device, checkpoint=checkpoint, resume=resume
-    )
+    from ..train import CheckpointError
+
+    # The run's identity (with the method, seed, protocol and tasks that fit adds) is saved in the checkpoint;
+    # --resume refuses a checkpoint of another run instead of printing its results under this run's label.
+    identity = {"hyperparameters": hyperparameters, "dataset": name, "arch": arch}
+    try:
+        result = fit(
+            model, data, balancer, config, seed=seed, device=device, checkpoint=checkpoint, resume=resume,
+            identity=identity,
+        )
+    except CheckpointError as error:
+        fail(str(error))
     table = Table(
         title=f"{method} on {data.name}: test metrics of epoch {result.selected_epoch} "
         f"(selected on validation)"

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from ..balancers.inputs import collect_losses, validate_tasks
 from ..jacobian import parameter_jacobian
+from ..progress import Progress
 from ..record import StepRecord
 
 if TYPE_CHECKING:
@@ -491,6 +492,7 @@ def compute_task_affinity(
     seed: int = 0,
     device: str | torch.device = "cpu",
     monitor: ConflictMonitor | None = None,
+    progress: bool | None = False,
 ) -> AffinityResult:
     """Train a small shared-trunk MLP briefly on ``data.train`` and measure the task affinities.
 
@@ -507,6 +509,8 @@ def compute_task_affinity(
         mode: ``"exact"`` lookahead or ``"first_order"`` (see :class:`TaskAffinity`).
         max_groups: largest number of groups to suggest (default: number of tasks).
         monitor: an optional :class:`~taskbalance.diagnostics.ConflictMonitor` fed on every step.
+        progress: ``False`` (default): silent; ``None``: ``rich`` bars on a terminal, else one line per pass
+            over the training split on stderr; ``True``: bars (see :mod:`taskbalance.progress`).
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
@@ -524,33 +528,40 @@ def compute_task_affinity(
     shared = list(model.trunk.parameters())
     generator = torch.Generator().manual_seed(seed)
     done = 0
-    while done < steps:
-        for xb, yb, mb in data.train.batches(batch_size, generator=generator, shuffle=True):
-            if done >= steps:
-                break
-            present = [t for t in tasks if bool(mb[t.name].any())]  # host data: no device sync
-            if not present:
-                continue
-            xb = xb.to(device)
-            if not xb.is_floating_point():
-                xb = xb.float()
-            yb = {k: v.to(device) for k, v in yb.items()}
-            mb = {k: v.to(device) for k, v in mb.items()}
+    per_pass = max(1, math.ceil(len(data.train) / batch_size))
+    passes = math.ceil(steps / per_pass)
+    with Progress("diagnose", progress, passes, min(per_pass, steps)) as bars:
+        finished_passes = 0
+        while done < steps:
+            for xb, yb, mb in data.train.batches(batch_size, generator=generator, shuffle=True):
+                if done >= steps:
+                    break
+                present = [t for t in tasks if bool(mb[t.name].any())]  # host data: no device sync
+                if not present:
+                    continue
+                xb = xb.to(device)
+                if not xb.is_floating_point():
+                    xb = xb.float()
+                yb = {k: v.to(device) for k, v in yb.items()}
+                mb = {k: v.to(device) for k, v in mb.items()}
 
-            def batch_losses(xb: Tensor = xb, yb: dict[str, Tensor] = yb, mb: dict[str, Tensor] = mb,
-                             present: list[Any] = present) -> dict[str, Tensor]:
-                out = model(xb)
-                return {t.name: t.loss(_prediction(out[t.name], t.output_size), yb[t.name], mb[t.name])
-                        for t in present}
+                def batch_losses(xb: Tensor = xb, yb: dict[str, Tensor] = yb, mb: dict[str, Tensor] = mb,
+                                 present: list[Any] = present) -> dict[str, Tensor]:
+                    out = model(xb)
+                    return {t.name: t.loss(_prediction(out[t.name], t.output_size), yb[t.name], mb[t.name])
+                            for t in present}
 
-            optimizer.zero_grad(set_to_none=True)
-            losses = batch_losses()
-            affinity.observe(losses, shared=shared, evaluate=batch_losses)
-            if monitor is not None:
-                monitor.observe(losses, shared=shared)
-            torch.stack(list(losses.values())).sum().backward()
-            optimizer.step()
-            done += 1
+                optimizer.zero_grad(set_to_none=True)
+                losses = batch_losses()
+                affinity.observe(losses, shared=shared, evaluate=batch_losses)
+                if monitor is not None:
+                    monitor.observe(losses, shared=shared)
+                torch.stack(list(losses.values())).sum().backward()
+                optimizer.step()
+                done += 1
+                bars.step()
+            finished_passes += 1
+            bars.epoch(min(finished_passes, passes), f"step {done}/{steps}")
     matrix = affinity.matrix()
     protocol = {"dataset": data.name, "steps": steps, "batch_size": batch_size, "lr": lr, "hidden": hidden,
                 "layers": layers, "every": every, "mode": mode, "seed": seed}

@@ -129,6 +129,7 @@ def diagnose(
         result = compute_task_affinity(
             data, steps=steps, batch_size=batch_size, lr=lr, hidden=hidden, layers=layers, every=every,
             mode=mode, max_groups=groups, seed=seed, device=device, monitor=monitor,  # type: ignore[arg-type]
+            progress=None,  # rich bars on a terminal, else one line per pass on stderr
         )
     finally:
         writer.close()

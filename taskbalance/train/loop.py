@@ -32,8 +32,17 @@ from ..balancers.base import Balancer
 from ..data.base import MultiTaskData, Split
 from ..data.metrics import METRICS, task_metrics
 from ..data.tasks import Task
+from ..progress import Progress
 from ..record import StepRecord
-from .checkpoint import CHECKPOINT_FORMAT, capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from .checkpoint import (
+    CHECKPOINT_FORMAT,
+    capture_rng,
+    check_identity,
+    load_checkpoint,
+    restore_rng,
+    run_identity,
+    save_checkpoint,
+)
 from .config import TrainConfig
 
 __all__ = [
@@ -194,6 +203,7 @@ def fit(
     resume: bool = False,
     progress: bool | None = None,
     on_epoch_end: EpochCallback | None = None,
+    identity: Mapping[str, Any] | None = None,
 ) -> FitResult:
     """Train ``model`` on ``data.train`` with ``balancer``, select an epoch on ``data.val``, test it once.
 
@@ -208,9 +218,16 @@ def fit(
         checkpoint: path of a checkpoint written atomically every ``config.checkpoint_every`` epochs with the
             model, optimiser, scheduler, balancer, RNG states, history and the selected weights so far.
         resume: continue from ``checkpoint`` if it exists (a fresh run otherwise). The continuation is
-            bit-for-bit identical to an uninterrupted run on CPU.
-        progress: show ``rich`` progress bars (default: only when stderr is a terminal).
+            bit-for-bit identical to an uninterrupted run on CPU. A checkpoint of another run is refused
+            (:class:`~taskbalance.train.checkpoint.CheckpointMismatchError`: another method, seed, identity,
+            protocol or task list) and an unreadable one raises
+            :class:`~taskbalance.train.checkpoint.CheckpointError` naming the file; neither is overwritten.
+        progress: ``None`` (default): ``rich`` bars when stderr is a terminal, else one plain line per epoch
+            on stderr; ``True``: bars; ``False``: silent (see :mod:`taskbalance.progress`).
         on_epoch_end: ``callback(epoch, history_entry, model)`` after each epoch (and after its checkpoint).
+        identity: what else identifies the run besides the method (``balancer.info.name``) and ``seed``,
+            e.g. ``{"hyperparameters": {...}, "dataset": "qm9"}`` (JSON-able). Saved in the checkpoint and
+            compared on resume.
 
     Model selection: the kept weights are those of the epoch with the lowest validation
     :func:`selection_score` (ties: the earliest; epochs with a non-finite score are never selected unless
@@ -253,12 +270,12 @@ def fit(
         "train_seconds": 0.0, "steps": 0,
     }
     path = Path(checkpoint) if checkpoint is not None else None
+    this_run = run_identity(
+        balancer.info.name, seed, **dict(identity or {}), protocol=config.to_dict(), tasks=names
+    )
     if resume and path is not None and path.exists():
         saved = load_checkpoint(path)
-        if saved["config"] != config.to_dict() or saved["tasks"] != names:
-            raise ValueError(
-                f"checkpoint {path} was written under another protocol or task list; refusing to resume"
-            )
+        check_identity(path, saved.get("identity"), this_run)
         model.load_state_dict(saved["model"])
         balancer.load_state_dict(saved["balancer"])
         optimizer.load_state_dict(saved["optimizer"])
@@ -276,7 +293,7 @@ def fit(
     partial = [n for n in names if not fully_labelled[n]]
     by_name = {t.name: t for t in tasks}
     steps_per_epoch = math.ceil(len(data.train) / config.batch_size)
-    with _Bars(progress, config.epochs, steps_per_epoch, start=state["epoch"]) as bars:
+    with Progress("train", progress, config.epochs, steps_per_epoch, start_epoch=state["epoch"]) as bars:
         for epoch in range(state["epoch"] + 1, config.epochs + 1):
             loss_sum = torch.zeros(len(names), device=device)
             present_sum = torch.zeros(len(names), device=device)
@@ -334,6 +351,7 @@ def fit(
                 save_checkpoint(
                     {
                         "format": CHECKPOINT_FORMAT,
+                        "identity": this_run,
                         "config": config.to_dict(),
                         "tasks": names,
                         "model": model.state_dict(),
@@ -345,7 +363,7 @@ def fit(
                     },
                     path,
                 )
-            bars.epoch(epoch, score)
+            bars.epoch(epoch, f"val score {score:+.4f}")
             if on_epoch_end is not None:
                 on_epoch_end(epoch, entry, model)
 
@@ -448,46 +466,3 @@ def peak_memory_mb(device: torch.device) -> float:
         return torch.cuda.max_memory_allocated(device) / 2**20
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return maxrss / 2**20 if sys.platform == "darwin" else maxrss / 2**10  # bytes on macOS, KiB on Linux
-
-
-class _Bars:
-    """``rich`` progress bars (epochs and steps); silent when disabled, not a terminal, or rich is absent."""
-
-    def __init__(self, enabled: bool | None, epochs: int, steps: int, start: int) -> None:
-        self._progress: Any = None
-        if enabled is False:
-            return
-        try:
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-        except ImportError:
-            return
-        console = Console(stderr=True)
-        if enabled is None and not console.is_terminal:
-            return
-        self._progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-            console=console, transient=True,
-        )
-        self._epochs = self._progress.add_task("epochs", total=epochs, completed=start)
-        self._steps = self._progress.add_task("steps", total=steps)
-        self._steps_total = steps
-
-    def __enter__(self) -> _Bars:
-        if self._progress is not None:
-            self._progress.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._progress is not None:
-            self._progress.stop()
-
-    def step(self) -> None:
-        if self._progress is not None:
-            self._progress.advance(self._steps)
-
-    def epoch(self, epoch: int, score: float) -> None:
-        if self._progress is not None:
-            description = f"epoch {epoch} (val score {score:+.4f})"
-            self._progress.update(self._epochs, completed=epoch, description=description)
-            self._progress.reset(self._steps, total=self._steps_total)
