@@ -142,7 +142,9 @@ def test_cli_train_resume_refuses_another_method_or_seed_with_exit_2(tmp_path: P
 def test_cli_train_resume_names_a_corrupt_checkpoint_with_exit_2(tmp_path: Path):
     checkpoint = tmp_path / "run.pt"
     checkpoint.write_bytes(b"truncated")
-    result = _invoke("train", "--dataset", "tiny", "--epochs", "1", "--checkpoint", str(checkpoint), "--resume")
+    result = _invoke(
+        "train", "--dataset", "tiny", "--epochs", "1", "--checkpoint", str(checkpoint), "--resume"
+    )
     assert result.exit_code == 2, result.output
     assert "run.pt" in result.output and "truncated or corrupt" in result.output
 
