@@ -37,6 +37,7 @@ from typing import Any, ClassVar, Literal, Protocol
 import torch
 from torch import Tensor, nn
 
+from ..gramian import GramianEngine
 from ..jacobian import (
     accumulate_grad,
     backward_through,
@@ -56,11 +57,13 @@ __all__ = [
     "Aggregation",
     "GradientLevel",
     "GradientNeed",
+    "EngineChoice",
     "Reducer",
 ]
 
 GradientLevel = Literal["parameters", "features"]
 GradientNeed = Literal["gramian", "jacobian"]
+EngineChoice = Literal["auto", "gramian", "jacobian"]
 _POLICIES = ("raise", "skip", "propagate")
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -408,6 +411,13 @@ class GradientBalancer(Balancer):
 
     A subclass implements :meth:`aggregate`.
 
+    **Engine** (``make(..., engine=...)`` or :meth:`set_engine`): ``"auto"`` (default) computes only what the
+    method declares in :attr:`needs`: for ``"gramian"`` methods at the parameter level, the Gramian engine
+    (:mod:`taskbalance.gramian`: the ``k × k`` Gramian layer by layer and the update per layer, never the
+    ``k × P`` Jacobian); otherwise the batched Jacobian (:mod:`taskbalance.jacobian`). ``"jacobian"`` forces
+    the Jacobian path; ``"gramian"`` forces the Gramian engine (an error for methods that need the Jacobian).
+    Both give the same step up to float rounding (tested).
+
     Set ``balancer.record_gramian = True`` to put the ``k × k`` Gramian ``J Jᵀ`` of the present tasks in
     ``record.extras["gramian"]`` every step (one small matmul), which
     :class:`taskbalance.diagnostics.ConflictMonitor` reads for free with ``observe_record``.
@@ -416,6 +426,8 @@ class GradientBalancer(Balancer):
     scale_heads: ClassVar[bool] = True
     needs: GradientNeed = "gramian"  # "jacobian" for methods that edit gradients element-wise
     record_gramian: bool = False
+    engine: EngineChoice = "auto"
+    _gramian_engine: GramianEngine | None = None
 
     def __init__(
         self,
@@ -450,6 +462,30 @@ class GradientBalancer(Balancer):
                 method declares ``needs = "jacobian"``.
         """
         raise NotImplementedError
+
+    def set_engine(self, engine: EngineChoice, *, last_layers: int | None = None) -> GradientBalancer:
+        """Choose how per-task gradients are computed (see the class docstring); returns ``self``.
+
+        ``last_layers=N`` (Gramian engine only) is the opt-in **approximation** of
+        :class:`taskbalance.gramian.GramianEngine`: weights from the Gramian of the last ``N`` shared layers.
+        """
+        if engine not in ("auto", "gramian", "jacobian"):
+            raise ValueError(f"engine must be 'auto', 'gramian' or 'jacobian', got {engine!r}")
+        if engine == "gramian" and self.needs == "jacobian":
+            raise ValueError(
+                f"{self.info.name} edits per-task gradients element-wise and needs the Jacobian; "
+                "use engine='jacobian' or 'auto'"
+            )
+        if last_layers is not None and engine == "jacobian":
+            raise ValueError("last_layers= is an option of the Gramian engine; use engine='gramian'")
+        object.__setattr__(self, "engine", engine)
+        object.__setattr__(self, "_gramian_engine", GramianEngine(last_layers=last_layers))
+        return self
+
+    def _uses_gramian_engine(self) -> bool:
+        if self.gradients != "parameters" or self.needs != "gramian" or self.engine == "jacobian":
+            return False
+        return self.engine == "gramian" or self._reducer is None
 
     def _index_tensor(self, index: list[int], device: torch.device) -> Tensor:
         key = tuple(index)
@@ -495,6 +531,8 @@ class GradientBalancer(Balancer):
                 )
             if not shared_list:
                 raise ValueError("shared= contained no parameter that requires grad")
+            if self._uses_gramian_engine():
+                return self._gramian_step(batch, roots, scaled_roots, index, shared_list)
             jacobian = parameter_jacobian(scaled_roots, shared_list)
         if scale is not None:
             jacobian = jacobian / scale.to(jacobian.dtype)
@@ -522,6 +560,40 @@ class GradientBalancer(Balancer):
             heads = reachable_leaves([roots], exclude=shared_list)
             self._backward_heads(scaled_roots, aggregation, heads)
             accumulate_grad(shared_list, direction, owned=aggregation.direction is None)
+        weights = batch.values.new_zeros(self.num_tasks).index_copy(
+            0, index, aggregation.weights.to(roots.dtype)
+        )
+        if self.record_gramian and "gramian" not in aggregation.extras:
+            aggregation.extras["gramian"] = step.gramian.detach()
+        return self._record(batch, weights, aggregation.extras)
+
+    def _gramian_step(
+        self, batch: TaskLosses, roots: Tensor, scaled_roots: Tensor, index: Tensor, shared: list[Tensor]
+    ) -> StepRecord:
+        """The step through the Gramian engine: same result as the Jacobian path, without forming ``J``."""
+        engine = self._gramian_engine
+        if engine is None:
+            engine = GramianEngine()
+            object.__setattr__(self, "_gramian_engine", engine)
+        computed = engine.gramian(scaled_roots, shared)
+        gramian = computed.gramian
+        scale = self._grad_scale
+        if scale is not None:
+            gramian = gramian / scale.to(gramian.dtype) ** 2
+        step = GradientStep(
+            losses=roots.detach(), index=index, dtype=shared[0].dtype, precomputed_gramian=gramian
+        )
+        aggregation = self._aggregate_guarded(step)
+        if aggregation.direction is not None:
+            raise RuntimeError(
+                f"{self.info.name} returned an explicit direction, which needs the Jacobian: declare "
+                "needs = 'jacobian' on the method"
+            )
+        coefficients = aggregation.shared_weights
+        if coefficients is None:
+            coefficients = aggregation.weights
+        head_weights = aggregation.weights if self.scale_heads else torch.ones_like(aggregation.weights)
+        engine.apply(computed, coefficients.detach(), head_weights.detach(), shared)
         weights = batch.values.new_zeros(self.num_tasks).index_copy(
             0, index, aggregation.weights.to(roots.dtype)
         )

@@ -128,13 +128,15 @@ def make(name: str, tasks: Sequence[str], **hyperparameters: Any) -> Balancer:
     Args:
         name: a registry name (see :func:`available`), case-insensitive.
         tasks: task names, in a fixed order; every later ``losses`` mapping is keyed by them.
-        **hyperparameters: the method's keyword arguments (see its class docstring).
+        **hyperparameters: the method's keyword arguments (see its class docstring). Gradient methods also
+            take ``engine="auto" | "gramian" | "jacobian"`` (see :class:`~taskbalance.GradientBalancer`).
 
     Raises:
         ValueError: unknown method name (close matches are listed) or invalid task list.
         TypeError: a hyperparameter the method does not take (the valid ones are listed).
     """
     info = method_info(name)
+    engine = hyperparameters.pop("engine", None) if info.family == "gradient" else None
     parameters = inspect.signature(info.cls).parameters
     valid = [p for p in parameters if p not in ("self", "tasks")]
     accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
@@ -145,4 +147,9 @@ def make(name: str, tasks: Sequence[str], **hyperparameters: Any) -> Balancer:
             f"valid: {', '.join(valid) or '(none)'}"
         )
     balancer: Balancer = info.cls(tasks, **hyperparameters)
+    if engine is not None:  # gradient methods: "auto" | "gramian" | "jacobian" (GradientBalancer.set_engine)
+        from .base import GradientBalancer
+
+        if isinstance(balancer, GradientBalancer):
+            balancer.set_engine(engine)
     return balancer

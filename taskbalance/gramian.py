@@ -1,0 +1,640 @@
+"""The Gramian engine: the ``k × k`` Gramian ``G = J Jᵀ`` of the per-task gradients and the update ``wᵀ J``,
+layer by layer, without ever forming the ``k × P`` Jacobian ``J``.
+
+Most gradient methods (MGDA, UPGrad, DualProj, IMTL, Nash-MTL, CAGrad, Aligned-MTL, PCGrad, GradVac, …) read
+only ``G`` and return weights ``w``; the shared update is ``Σₖ wₖ ∇θ Lₖ``. For a layer ``Y = X Wᵀ + b`` with
+per-task output gradients ``Δₖ = ∂Lₖ/∂Y`` (``R × O``) and input ``X`` (``R × I``, ``R`` the rows: batch, or
+batch × positions):
+
+* ``∇W Lₖ = Δₖᵀ X`` and ``∇b Lₖ = Δₖᵀ 1``, so ``⟨∇Lᵢ, ∇Lⱼ⟩ = ⟨Δᵢ, (X Xᵀ + 1 1ᵀ) Δⱼ⟩`` — the *B-side* form
+  (``R² I + k R² O`` flops, no ``O × I`` matrix at all), or, when that is dearer, the *direct* form from the
+  per-task weight gradients (``k R I O + k² I O``). A cost model picks per layer (:func:`linear_costs`);
+* the update is ``(Σₖ wₖ Δₖ)ᵀ X`` — one ordinary weight-gradient product per layer and no second backward.
+
+The per-task output gradients of every shared layer come from **one** batched backward (a vmapped
+vector-Jacobian product through :class:`torch.autograd.graph.GradientEdge` inputs, so autograd computes no
+weight gradient at all), or from a loop over the ``k`` tasks where that is faster (convolutions on CPU): the
+engine times both on its first step for a given graph shape and remembers the faster one.
+
+The layers are read from the autograd graph of the losses, not from module hooks, so nothing needs to be
+registered before the forward pass, in-place operations after a layer are safe (the gradient taken is the
+one flowing into the layer's own node), and a layer called several times in one forward is exact: its
+uses are stacked as extra rows (B-side) or their per-task gradients summed (direct), which carries every
+cross term. Recognised nodes:
+
+* ``addmm`` / ``mm`` with the weight as second operand (``nn.Linear``, any input rank) — B-side or direct;
+* ``convolution`` (``nn.Conv1d/2d/3d``, not transposed) — direct, per-task weight gradients by
+  ``convolution_backward`` (our choice: the B-side form for a convolution has ``R = N·H'·W'`` rows and needs
+  the unfolded input, and loses to the direct form on every convolution we measured);
+* ``embedding`` (not ``scale_grad_by_freq``, not sparse) — B-side with the token-equality matrix in place of
+  ``X Xᵀ``, or direct into a ``k × V × D`` buffer, by cost;
+* every other shared parameter (LayerNorm/BatchNorm affine parameters, GRU weights, a bare
+  ``nn.Parameter``, …) falls back to its own per-task gradient, computed in the same batched call (direct
+  Gram). This is exact for any module.
+
+Task-specific parameters (the heads) are inputs of the same batched call: their per-task gradients come out
+as rows, so the heads are never back-propagated a second time.
+
+The Gramian is accumulated in float64; per-layer B-side products are formed in float64 too. Nothing is copied
+to the host (the one-off timing of the first step reads the clock, not the tensors).
+
+**Partial Gramian (opt-in approximation).** ``GramianEngine(last_layers=N)`` forms the Gramian from the last
+``N`` shared layers only (those nearest the losses); the batched backward stops there, and the update is
+then one ordinary backward of ``Σₖ wₖ Lₖ``. The weights are those of the partial Gramian, so this is an
+approximation (our extension, in the spirit of the "shared-representation" approximations of MGDA-UB);
+``docs/gramian.md`` lists its measured error on the benchmark models.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, cast
+
+import torch
+from torch import Tensor
+from torch.autograd.graph import GradientEdge, Node
+
+__all__ = ["GramianEngine", "GramianStep", "linear_costs", "embedding_costs"]
+
+Batching = Literal["vmap", "loop"]
+_F64 = torch.float64
+
+
+def linear_costs(rows: int, in_features: int, out_features: int, k: int) -> tuple[int, int]:
+    """Flop estimates ``(b_side, direct)`` of a linear layer's Gramian contribution (see module docstring)."""
+    b_side = rows * rows * in_features + k * rows * rows * out_features + k * k * rows * out_features
+    direct = k * rows * in_features * out_features + k * k * in_features * out_features
+    return b_side, direct
+
+
+def embedding_costs(rows: int, vocabulary: int, dim: int, k: int) -> tuple[int, int]:
+    """Flop estimates ``(b_side, direct)`` of an embedding's Gramian contribution."""
+    b_side = rows * rows + k * rows * rows * dim + k * k * rows * dim
+    direct = k * vocabulary * dim + k * rows * dim + k * k * vocabulary * dim
+    return b_side, direct
+
+
+# --------------------------------------------------------------------------------------------- graph reading
+@dataclass
+class _Use:
+    """One use of shared parameters by one recognised autograd node."""
+
+    kind: str  # "linear" | "conv" | "embedding"
+    node: Node
+    weight: Tensor | None = None
+    bias: Tensor | None = None
+    transposed: bool = False  # linear: the weight enters as W (x @ W) rather than Wᵀ (nn.Linear)
+    saved: tuple = ()  # conv: (saved weight, stride, padding, dilation, transposed, output padding, groups)
+
+
+@dataclass
+class _Group:
+    """Uses of the same shared parameters (one layer, or one layer called several times)."""
+
+    kind: str
+    uses: list[_Use]
+    weight: Tensor | None
+    bias: Tensor | None
+    order: int  # largest autograd sequence number: higher is nearer the losses
+
+
+@dataclass
+class _Plan:
+    groups: list[_Group]
+    fallback: list[Tensor]  # shared parameters whose per-task gradients are taken directly
+    unreached: list[Tensor]  # shared parameters no loss reaches
+    heads: list[Tensor]  # task-specific leaves the losses reach
+    signature: tuple = ()
+
+
+def _accumulated(node: object) -> Tensor | None:
+    return getattr(node, "variable", None)
+
+
+def _read_graph(roots: Tensor, shared: Sequence[Tensor]) -> _Plan:
+    """Walk the graph of ``roots`` once: recognised layer nodes, fallback parameters and head leaves."""
+    shared_ids = {id(p): p for p in shared}
+    consumers: dict[int, list[tuple[Node, int, bool]]] = {id(p): [] for p in shared}
+    heads: list[Tensor] = []
+    head_ids: set[int] = set()
+    seen: set[Node] = set()
+    stack: list[Node] = [roots.grad_fn] if roots.grad_fn is not None else []
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        for slot, (child, _) in enumerate(node.next_functions):  # type: ignore[attr-defined]
+            if child is None:
+                continue
+            leaf = _accumulated(child)
+            if leaf is not None:
+                if id(leaf) in shared_ids:
+                    consumers[id(leaf)].append((node, slot, False))
+                elif id(leaf) not in head_ids:
+                    head_ids.add(id(leaf))
+                    heads.append(leaf)
+                continue
+            if type(child).__name__ == "TBackward0":
+                grand = child.next_functions[0][0]
+                inner = _accumulated(grand) if grand is not None else None
+                if inner is not None and id(inner) in shared_ids:
+                    consumers[id(inner)].append((node, slot, True))
+                    continue
+            if child not in seen:
+                stack.append(child)
+    uses_of: dict[int, list[_Use]] = {}
+    fallback_ids: set[int] = set()
+    unreached: list[Tensor] = []
+    node_uses: dict[Node, _Use] = {}
+    for pid, found in consumers.items():
+        if not found:
+            unreached.append(shared_ids[pid])
+            continue
+        for node, slot, via_t in found:
+            role = _role(node, slot, via_t, shared_ids[pid])
+            if role is None:
+                fallback_ids.add(pid)
+                break
+        else:
+            for node, slot, via_t in found:
+                kind, part, transposed = _role(node, slot, via_t, shared_ids[pid])  # type: ignore[misc]
+                use = node_uses.setdefault(node, _Use(kind, node))
+                setattr(use, part, shared_ids[pid])
+                use.transposed = use.transposed or transposed
+                uses_of.setdefault(pid, []).append(use)
+    # group the uses by the parameters they carry; parameters split over differing groups fall back
+    groups: dict[tuple, _Group] = {}
+    for use in node_uses.values():
+        weight_id = id(use.weight) if use.weight is not None and id(use.weight) not in fallback_ids else 0
+        bias_id = id(use.bias) if use.bias is not None and id(use.bias) not in fallback_ids else 0
+        key = (use.kind, weight_id, bias_id, use.transposed)
+        if key[1] == 0:
+            use.weight = None
+        if key[2] == 0:
+            use.bias = None
+        if use.weight is None and use.bias is None:
+            continue
+        if use.kind == "embedding" and use.weight is None:
+            continue
+        group = groups.get(key)
+        if group is None:
+            groups[key] = _Group(use.kind, [use], use.weight, use.bias, _seq(use.node))
+        else:
+            group.uses.append(use)
+            group.order = max(group.order, _seq(use.node))
+    covered: dict[int, int] = {}
+    for group in groups.values():
+        for p in (group.weight, group.bias):
+            if p is not None:
+                covered[id(p)] = covered.get(id(p), 0) + 1
+    split = {pid for pid, n in covered.items() if n > 1}
+    if split:  # e.g. a weight used with a bias in one call and without in another
+        fallback_ids |= split
+        kept: dict[tuple, _Group] = {}
+        for key, group in groups.items():
+            weight = None if group.weight is not None and id(group.weight) in split else group.weight
+            bias = None if group.bias is not None and id(group.bias) in split else group.bias
+            if weight is None and (bias is None or group.kind == "embedding"):
+                continue
+            for use in group.uses:
+                use.weight, use.bias = weight, bias
+            kept[key] = _Group(group.kind, group.uses, weight, bias, group.order)
+        groups = kept
+    in_groups = {id(p) for g in groups.values() for p in (g.weight, g.bias) if p is not None}
+    fallback = [p for p in shared if consumers[id(p)] and id(p) not in in_groups]
+    ordered = sorted(groups.values(), key=lambda g: -g.order)
+    signature = (
+        tuple((g.kind, len(g.uses), tuple(g.weight.shape) if g.weight is not None else ()) for g in ordered),
+        tuple(tuple(p.shape) for p in fallback),
+        len(heads),
+    )
+    return _Plan(ordered, fallback, unreached, heads, signature)
+
+
+def _seq(node: Node) -> int:
+    return int(node._sequence_nr())  # type: ignore[attr-defined]
+
+
+def _role(node: Node, slot: int, via_t: bool, parameter: Tensor) -> tuple[str, str, bool] | None:
+    """``(kind, "weight" | "bias", transposed)`` of a parameter's use by ``node``, or ``None`` (fallback)."""
+    name = type(node).__name__
+    if name == "AddmmBackward0":
+        if getattr(node, "_saved_alpha", 1) != 1 or getattr(node, "_saved_beta", 1) != 1:
+            return None
+        if slot == 2 and parameter.dim() == 2:
+            return ("linear", "weight", not via_t)
+        if slot == 0 and parameter.dim() == 1 and not via_t:
+            return ("linear", "bias", False)
+        return None
+    if name == "MmBackward0":
+        if slot == 1 and parameter.dim() == 2:
+            return ("linear", "weight", not via_t)
+        return None
+    if via_t:
+        return None
+    if name == "ConvolutionBackward0":
+        if node._saved_transposed:  # type: ignore[attr-defined]
+            return None
+        if slot == 1:
+            return ("conv", "weight", False)
+        if slot == 2:
+            return ("conv", "bias", False)
+        return None
+    if name == "EmbeddingBackward0" and slot == 0:
+        if node._saved_scale_grad_by_freq or node._saved_sparse:  # type: ignore[attr-defined]
+            return None
+        return ("embedding", "weight", False)
+    return None
+
+
+# --------------------------------------------------------------------------------------------- the step
+@dataclass
+class _Layer:
+    """What the engine keeps of one group between the Gramian and the update."""
+
+    group: _Group
+    inputs: list[Tensor]  # per use: X (linear), input (conv), indices (embedding)
+    deltas: list[Tensor] = field(default_factory=list)  # per use: (k, *output shape)
+    form: str = "b_side"
+    per_task: list[Tensor] | None = None  # direct form: per-task gradients of (weight, bias)
+
+
+@dataclass
+class GramianStep:
+    """Result of :meth:`GramianEngine.gramian`: the float64 Gramian and what :meth:`GramianEngine.apply`
+    needs to assemble the update."""
+
+    gramian: Tensor
+    layers: list[_Layer]
+    fallback: list[Tensor]
+    fallback_rows: list[Tensor]
+    unreached: list[Tensor]
+    heads: list[Tensor]
+    head_rows: list[Tensor]
+    roots: Tensor | None = None  # kept only by the partial Gramian (its update is one ordinary backward)
+
+
+class GramianEngine:
+    """Computes the Gramian of per-task gradients of shared parameters layer by layer (see module docstring).
+
+    Args:
+        last_layers: ``None`` (default): the exact Gramian over every shared parameter. An integer ``N``:
+            the **approximate** Gramian over the last ``N`` recognised shared layers only (opt-in).
+        batching: ``"auto"`` (default: time both on the first step of each graph shape, keep the faster),
+            ``"vmap"`` or ``"loop"``.
+        form: ``"auto"`` (default: the cost model picks per layer), or force ``"b_side"`` / ``"direct"`` on
+            every linear and embedding layer (for tests and measurements).
+    """
+
+    def __init__(
+        self,
+        *,
+        last_layers: int | None = None,
+        batching: Literal["auto", "vmap", "loop"] = "auto",
+        form: Literal["auto", "b_side", "direct"] = "auto",
+    ) -> None:
+        if last_layers is not None and last_layers < 1:
+            raise ValueError(f"last_layers must be a positive number of layers or None, got {last_layers}")
+        if batching not in ("auto", "vmap", "loop"):
+            raise ValueError(f"batching must be 'auto', 'vmap' or 'loop', got {batching!r}")
+        if form not in ("auto", "b_side", "direct"):
+            raise ValueError(f"form must be 'auto', 'b_side' or 'direct', got {form!r}")
+        self.last_layers = last_layers
+        self.batching = batching
+        self.form = form
+        self._chosen: dict[tuple, Batching] = {}
+        self._eye: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}
+
+    # ------------------------------------------------------------------ public
+    def gramian(self, roots: Tensor, shared: Sequence[Tensor]) -> GramianStep:
+        """The float64 Gramian of ``∇θ roots[k]`` over ``shared`` (plus the per-task head gradients).
+
+        ``roots`` is the ``(k,)`` vector of (possibly scaled) losses. The autograd graph is released unless
+        the partial Gramian needs it for its update.
+        """
+        if roots.dim() != 1:
+            raise ValueError(f"expected a 1-d vector of task losses, got shape {tuple(roots.shape)}")
+        plan = _read_graph(roots, shared)
+        groups = plan.groups
+        partial = self.last_layers is not None
+        if partial:
+            groups = groups[: self.last_layers]
+        layers = [_Layer(g, [_saved_input(u) for u in g.uses]) for g in groups]
+        edges: list[GradientEdge | Tensor] = [GradientEdge(u.node, 0) for g in groups for u in g.uses]
+        fallback = [] if partial else plan.fallback
+        heads = [] if partial else plan.heads
+        inputs = [*edges, *fallback, *heads]
+        k = roots.shape[0]
+        grads = self._batched(roots, inputs, plan.signature, retain=partial) if inputs else []
+        at = 0
+        for layer in layers:
+            n = len(layer.group.uses)
+            layer.deltas = grads[at: at + n]
+            at += n
+        fallback_rows = grads[at: at + len(fallback)]
+        at += len(fallback)
+        head_rows = grads[at:]
+        with torch.no_grad():  # the saved layer inputs carry autograd history: record nothing
+            gramian = roots.new_zeros((k, k), dtype=_F64)
+            for layer in layers:
+                gramian = gramian + _layer_gramian(layer, k, self.form)
+            for rows in fallback_rows:
+                flat = rows.reshape(k, -1).to(_F64)
+                gramian = gramian + flat @ flat.T
+        return GramianStep(
+            gramian=gramian,
+            layers=layers,
+            fallback=fallback,
+            fallback_rows=fallback_rows,
+            unreached=[] if partial else plan.unreached,
+            heads=heads,
+            head_rows=head_rows,
+            roots=roots if partial else None,
+        )
+
+    def apply(
+        self,
+        step: GramianStep,
+        shared_weights: Tensor,
+        head_weights: Tensor,
+        shared: Sequence[Tensor],
+    ) -> None:
+        """Accumulate ``Σₖ shared_weights[k] ∇θ Lₖ`` into the shared ``.grad`` and
+        ``Σₖ head_weights[k] ∇ Lₖ`` into the heads' ``.grad`` (weights in the roots' scale)."""
+        if step.roots is not None:  # partial Gramian: one ordinary backward of the weighted losses
+            self._apply_partial(step, shared_weights, head_weights, shared)
+            return
+        with torch.no_grad():
+            self._apply_rows(step, shared_weights, head_weights)
+
+    def _apply_rows(self, step: GramianStep, shared_weights: Tensor, head_weights: Tensor) -> None:
+        for layer in step.layers:
+            for parameter, update in _layer_update(layer, shared_weights):
+                _add_grad(parameter, update)
+        for parameter, rows in zip(step.fallback, step.fallback_rows, strict=True):
+            _add_grad(parameter, _combine(shared_weights, rows))
+        for parameter, rows in zip(step.heads, step.head_rows, strict=True):
+            _add_grad(parameter, _combine(head_weights, rows))
+        for parameter in step.unreached:
+            _add_grad(parameter, torch.zeros_like(parameter))
+
+    # ------------------------------------------------------------------ internals
+    def _apply_partial(
+        self, step: GramianStep, shared_weights: Tensor, head_weights: Tensor, shared: Sequence[Tensor]
+    ) -> None:
+        roots = step.roots
+        assert roots is not None
+        shared_list = list(shared)
+        plan_heads = _read_graph(roots, shared_list).heads
+        same = shared_weights is head_weights or bool(torch.equal(shared_weights, head_weights))
+        if same:
+            torch.autograd.backward(roots, grad_tensors=shared_weights.to(roots.dtype).detach(),
+                                    inputs=[*shared_list, *plan_heads])
+            return
+        torch.autograd.backward(roots, grad_tensors=shared_weights.to(roots.dtype).detach(),
+                                inputs=shared_list, retain_graph=bool(plan_heads))
+        if plan_heads:
+            torch.autograd.backward(
+                roots, grad_tensors=head_weights.to(roots.dtype).detach(), inputs=plan_heads
+            )
+
+    def _identity(self, like: Tensor) -> Tensor:
+        key = (like.shape[0], like.dtype, like.device)
+        eye = self._eye.get(key)
+        if eye is None:
+            eye = torch.eye(like.shape[0], dtype=like.dtype, device=like.device)
+            self._eye[key] = eye
+        return eye
+
+    def _batched(
+        self, roots: Tensor, inputs: Sequence[GradientEdge | Tensor], signature: tuple, retain: bool
+    ) -> list[Tensor]:
+        key = (signature, roots.shape[0], roots.device.type)
+        mode: Batching | None = self._chosen.get(key) if self.batching == "auto" else self.batching
+        if mode is None:  # first step of this graph shape: time both, keep the faster
+            timings: dict[Batching, float] = {}
+            result: list[Tensor] = []
+            for candidate in ("loop", "vmap"):
+                _sync(roots)
+                start = time.perf_counter()
+                try:
+                    result = self._run(roots, inputs, candidate, retain=True)
+                except RuntimeError:
+                    if candidate == "loop":
+                        raise
+                    break
+                _sync(roots)
+                timings[candidate] = time.perf_counter() - start
+            self._chosen[key] = min(timings, key=lambda m: timings[m])
+            return result
+        try:
+            return self._run(roots, inputs, mode, retain=retain)
+        except RuntimeError as error:
+            if mode == "loop" or "backward through the graph a second time" in str(error):
+                raise
+            self._chosen[key] = "loop"  # no batching rule for some op: remember
+            return self._run(roots, inputs, "loop", retain=retain)
+
+    def _run(self, roots: Tensor, inputs: Sequence[GradientEdge | Tensor], mode: Batching, retain: bool
+             ) -> list[Tensor]:
+        k = roots.shape[0]
+        targets = cast(Any, list(inputs))  # tensors and gradient edges mixed: both accepted by autograd
+        if mode == "vmap":
+            grads = torch.autograd.grad(
+                roots, targets, grad_outputs=self._identity(roots), retain_graph=retain,
+                is_grads_batched=True, allow_unused=True, materialize_grads=True,
+            )
+            return list(grads)
+        rows = [
+            torch.autograd.grad(roots[i], targets, retain_graph=retain or i < k - 1, allow_unused=True,
+                                materialize_grads=True)
+            for i in range(k)  # loop over tasks: chosen because it measured faster than vmap here
+        ]
+        return [torch.stack([row[j] for row in rows]) for j in range(len(inputs))]
+
+
+def _sync(like: Tensor) -> None:
+    if like.device.type == "cuda":
+        torch.cuda.synchronize(like.device)
+
+
+def _saved_input(use: _Use) -> Tensor:
+    node = use.node
+    if use.kind == "linear":
+        if type(node).__name__ == "MmBackward0":
+            return node._saved_self  # type: ignore[attr-defined]
+        return node._saved_mat1  # type: ignore[attr-defined]
+    if use.kind == "conv":
+        use.saved = (node._saved_weight, *_conv_args(node))  # type: ignore[attr-defined]
+        return node._saved_input  # type: ignore[attr-defined]
+    return node._saved_indices  # type: ignore[attr-defined]
+
+
+def _combine(weights: Tensor, rows: Tensor) -> Tensor:
+    """``Σₖ weights[k] rows[k]`` in the rows' dtype."""
+    k = rows.shape[0]
+    return (weights.to(rows.dtype) @ rows.reshape(k, -1)).view(rows.shape[1:])
+
+
+def _add_grad(parameter: Tensor, update: Tensor) -> None:
+    update = update.to(parameter.dtype)
+    if parameter.grad is None:
+        parameter.grad = update.clone() if update._base is not None or not update.is_contiguous() else update
+    else:
+        parameter.grad.add_(update)
+
+
+# --------------------------------------------------------------------------------------------- per-layer math
+def _rows(layer: _Layer, k: int) -> tuple[Tensor, Tensor]:
+    """Linear layer: ``X`` (R × I) and ``Δ`` (k × R × O), the uses stacked as rows."""
+    xs = [x.reshape(-1, x.shape[-1]) for x in layer.inputs]
+    ds = [d.reshape(k, -1, d.shape[-1]) for d in layer.deltas]
+    if len(xs) == 1:
+        return xs[0], ds[0]
+    return torch.cat(xs), torch.cat(ds, dim=1)
+
+
+def _layer_gramian(layer: _Layer, k: int, form: str = "auto") -> Tensor:
+    group = layer.group
+    if group.kind == "linear":
+        x, delta = _rows(layer, k)
+        rows, width_in = x.shape
+        width_out = delta.shape[-1]
+        b_side, direct = linear_costs(rows, width_in if group.weight is not None else 0, width_out, k)
+        if form == "b_side" or (form == "auto" and b_side <= direct):
+            layer.form = "b_side"
+            d64 = delta.to(_F64)
+            if group.weight is not None:
+                x64 = x.to(_F64)
+                kernel = x64 @ x64.T
+                if group.bias is not None:
+                    kernel = kernel + 1.0
+                mixed = torch.matmul(kernel, d64)  # (k, R, O)
+                return d64.reshape(k, -1) @ mixed.reshape(k, -1).T
+            summed = d64.sum(dim=1)  # bias only
+            return summed @ summed.T
+        layer.form = "direct"
+        per_task: list[Tensor] = []
+        if group.weight is not None:
+            w_grads = torch.matmul(delta.transpose(1, 2), x)  # (k, O, I)
+            per_task.append(w_grads.transpose(1, 2) if _transposed(group) else w_grads)
+        if group.bias is not None:
+            per_task.append(delta.sum(dim=1))
+        layer.per_task = per_task
+        return _direct_gramian(per_task, k)
+    if group.kind == "conv":
+        layer.form = "direct"
+        layer.per_task = _conv_per_task(layer, k)
+        return _direct_gramian(layer.per_task, k)
+    # embedding
+    indices = torch.cat([i.reshape(-1) for i in layer.inputs])
+    delta = torch.cat([d.reshape(k, -1, d.shape[-1]) for d in layer.deltas], dim=1)
+    delta = _mask_padding(layer, indices, delta)
+    weight = group.weight
+    assert weight is not None
+    b_side, direct = embedding_costs(indices.shape[0], weight.shape[0], weight.shape[1], k)
+    if form == "b_side" or (form == "auto" and b_side <= direct):
+        layer.form = "b_side"
+        same = (indices[:, None] == indices[None, :]).to(_F64)
+        d64 = delta.to(_F64)
+        mixed = torch.matmul(same, d64)
+        return d64.reshape(k, -1) @ mixed.reshape(k, -1).T
+    layer.form = "direct"
+    grads = delta.new_zeros((k, *weight.shape)).index_add_(1, indices, delta)
+    layer.per_task = [grads]
+    return _direct_gramian(layer.per_task, k)
+
+
+def _transposed(group: _Group) -> bool:
+    return group.uses[0].transposed
+
+
+def _direct_gramian(per_task: list[Tensor], k: int) -> Tensor:
+    total: Tensor | None = None
+    for rows in per_task:
+        flat = rows.reshape(k, -1).to(_F64)
+        part = flat @ flat.T
+        total = part if total is None else total + part
+    assert total is not None
+    return total
+
+
+def _mask_padding(layer: _Layer, indices: Tensor, delta: Tensor) -> Tensor:
+    padding = getattr(layer.group.uses[0].node, "_saved_padding_idx", -1)
+    if padding is None or padding < 0:
+        return delta
+    return delta * (indices != padding).to(delta.dtype)[None, :, None]
+
+
+def _conv_args(node: Node) -> tuple:
+    return (
+        list(node._saved_stride),  # type: ignore[attr-defined]
+        list(node._saved_padding),  # type: ignore[attr-defined]
+        list(node._saved_dilation),  # type: ignore[attr-defined]
+        bool(node._saved_transposed),  # type: ignore[attr-defined]
+        list(node._saved_output_padding),  # type: ignore[attr-defined]
+        int(node._saved_groups),  # type: ignore[attr-defined]
+    )
+
+
+def _conv_grads(use: _Use, x: Tensor, delta: Tensor, want_weight: bool, want_bias: bool
+                ) -> tuple[Tensor | None, Tensor | None]:
+    weight, stride, padding, dilation, transposed, output_padding, groups = use.saved
+    bias_sizes = [weight.shape[0]] if want_bias else None
+    _, grad_w, grad_b = torch.ops.aten.convolution_backward(
+        delta, x, weight, bias_sizes, stride, padding, dilation, transposed, output_padding, groups,
+        [False, want_weight, want_bias],
+    )
+    return grad_w, grad_b
+
+
+def _conv_per_task(layer: _Layer, k: int) -> list[Tensor]:
+    group = layer.group
+    want_w, want_b = group.weight is not None, group.bias is not None
+    w_rows: list[Tensor] = []
+    b_rows: list[Tensor] = []
+    for use, x, delta in zip(group.uses, layer.inputs, layer.deltas, strict=True):
+        per_w, per_b = [], []
+        for i in range(k):  # k weight-gradient convolutions; vmap of convolution_backward is slower on CPU
+            gw, gb = _conv_grads(use, x, delta[i], want_w, want_b)
+            per_w.append(gw)
+            per_b.append(gb)
+        if want_w:
+            w_rows.append(torch.stack(per_w))  # type: ignore[arg-type]
+        if want_b:
+            b_rows.append(torch.stack(per_b))  # type: ignore[arg-type]
+    out: list[Tensor] = []
+    if want_w:
+        out.append(w_rows[0] if len(w_rows) == 1 else torch.stack(w_rows).sum(0))
+    if want_b:
+        out.append(b_rows[0] if len(b_rows) == 1 else torch.stack(b_rows).sum(0))
+    return out
+
+
+def _layer_update(layer: _Layer, weights: Tensor) -> list[tuple[Tensor, Tensor]]:
+    """``(parameter, Σₖ wₖ ∇parameter Lₖ)`` for the layer's shared parameters."""
+    group = layer.group
+    params = [p for p in (group.weight, group.bias) if p is not None]
+    if layer.per_task is not None:
+        return [(p, _combine(weights, rows)) for p, rows in zip(params, layer.per_task, strict=True)]
+    k = weights.shape[0]
+    if group.kind == "linear":
+        x, delta = _rows(layer, k)
+        combined = _combine(weights, delta)  # (R, O)
+        out: list[tuple[Tensor, Tensor]] = []
+        if group.weight is not None:
+            update = x.T @ combined if _transposed(group) else combined.T @ x
+            out.append((group.weight, update))
+        if group.bias is not None:
+            out.append((group.bias, combined.sum(dim=0)))
+        return out
+    # embedding, B-side
+    weight = group.weight
+    assert weight is not None
+    indices = torch.cat([i.reshape(-1) for i in layer.inputs])
+    delta = torch.cat([d.reshape(k, -1, d.shape[-1]) for d in layer.deltas], dim=1)
+    combined = _combine(weights, _mask_padding(layer, indices, delta))
+    return [(weight, combined.new_zeros(weight.shape).index_add_(0, indices, combined))]

@@ -1,0 +1,244 @@
+"""The Gramian engine equals the Jacobian path: the Gramian ``J Jᵀ``, the update ``wᵀ J``, and whole
+balancer steps (weights and every ``.grad``) for every Gramian-sufficient method, on an MLP, a CNN, an
+embedding + LayerNorm model and a BatchNorm model in train mode."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+import taskbalance
+from taskbalance.gramian import GramianEngine
+from taskbalance.jacobian import parameter_jacobian
+
+TASKS = ["a", "b", "c"]
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+
+class MLP(nn.Module):
+    """Linear layers (one without bias, one called twice), an in-place ReLU after a layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1 = nn.Linear(6, 24)
+        self.l2 = nn.Linear(24, 24, bias=False)
+        self.l3 = nn.Linear(24, 24)
+        self.heads = nn.ModuleList([nn.Linear(24, 1) for _ in TASKS])
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu_(self.l1(x))
+        h = self.l3(torch.tanh(self.l3(torch.tanh(self.l2(h)))))  # l3 twice: cross terms
+        return torch.tanh(h)
+
+
+class CNN(nn.Module):
+    """Conv2d and Conv1d (with and without bias), BatchNorm2d in train mode, a linear layer on top."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(2, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.c2 = nn.Conv2d(4, 4, 3, stride=2, bias=False)
+        self.c3 = nn.Conv1d(4, 4, 2)
+        self.fc = nn.Linear(4 * 2, 12)
+        self.heads = nn.ModuleList([nn.Linear(12, 1) for _ in TASKS])
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(self.bn(self.c1(x)))
+        h = torch.relu(self.c2(h))  # (N, 4, 3, 3)
+        h = torch.relu(self.c3(h.flatten(2)))  # (N, 4, 8)
+        h = h.mean(-1, keepdim=True).expand(-1, -1, 2).flatten(1)
+        return torch.tanh(self.fc(h))
+
+
+class Tokens(nn.Module):
+    """Embedding (with a padding index) + LayerNorm + a linear layer on 3-d input, mean-pooled."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(11, 8, padding_idx=0)
+        self.norm = nn.LayerNorm(8)
+        self.fc = nn.Linear(8, 10)
+        self.heads = nn.ModuleList([nn.Linear(10, 1) for _ in TASKS])
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.tanh(self.fc(self.norm(self.embed(x)))).mean(1)
+
+
+class Normed(nn.Module):
+    """BatchNorm1d in train mode between linear layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1 = nn.Linear(6, 16)
+        self.bn = nn.BatchNorm1d(16)
+        self.l2 = nn.Linear(16, 16)
+        self.heads = nn.ModuleList([nn.Linear(16, 1) for _ in TASKS])
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.tanh(self.l2(torch.tanh(self.bn(self.l1(x)))))
+
+
+MODELS = {"mlp": MLP, "cnn": CNN, "tokens": Tokens, "batchnorm": Normed}
+
+
+def make_model(name: str, dtype: torch.dtype) -> nn.Module:
+    torch.manual_seed(0)
+    return MODELS[name]().to(dtype).train()
+
+
+def make_batch(name: str, dtype: torch.dtype, seed: int) -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    if name == "tokens":
+        x = torch.randint(0, 11, (6, 5), generator=g)
+    elif name == "cnn":
+        x = torch.randn(5, 2, 8, 8, generator=g, dtype=dtype)
+    else:
+        x = torch.randn(12, 6, generator=g, dtype=dtype)
+    return x, torch.randn(x.shape[0], len(TASKS), generator=g, dtype=dtype)
+
+
+def losses_of(model: nn.Module, x: Tensor, y: Tensor, scales: tuple[float, ...] = (1.0, 3.0, 0.2)
+              ) -> dict[str, Tensor]:
+    z = model(x)
+    return {t: ((head(z).squeeze(-1) - y[:, i]) ** 2).mean() * scales[i]
+            for i, (t, head) in enumerate(zip(TASKS, model.heads, strict=True))}
+
+
+def shared_of(model: nn.Module) -> list[Tensor]:
+    return [p for n, p in model.named_parameters() if not n.startswith("heads")]
+
+
+def relative(got: Tensor, expected: Tensor) -> float:
+    return float((got - expected).abs().max() / expected.abs().max().clamp_min(1e-300))
+
+
+# ---------------------------------------------------------------------------------- the engine alone
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("model_name", list(MODELS))
+@pytest.mark.parametrize("form", ["b_side", "direct"])
+@pytest.mark.parametrize("batching", ["vmap", "loop"])
+def test_gramian_and_update_equal_the_jacobian(model_name, dtype, form, batching):
+    model = make_model(model_name, dtype)
+    x, y = make_batch(model_name, dtype, seed=1)
+    shared = shared_of(model)
+    roots = torch.stack(list(losses_of(model, x, y).values()))
+    jacobian = parameter_jacobian(roots, shared).to(torch.float64)
+    expected_gramian = jacobian @ jacobian.T
+    weights = torch.tensor([0.7, -0.2, 1.3], dtype=dtype)
+    expected_update = weights.to(torch.float64) @ jacobian
+
+    engine = GramianEngine(form=form, batching=batching)
+    roots = torch.stack(list(losses_of(model, x, y).values()))
+    step = engine.gramian(roots, shared)
+    assert step.gramian.dtype == torch.float64
+    assert relative(step.gramian, expected_gramian) < TOLERANCE[dtype]
+    model.zero_grad(set_to_none=True)
+    engine.apply(step, weights, weights, shared)
+    update = torch.cat([p.grad.reshape(-1) for p in shared]).to(torch.float64)
+    assert relative(update, expected_update) < TOLERANCE[dtype]
+
+
+def test_recognised_layers_and_fallback():
+    """Linear, conv and embedding weights are read from their nodes; norms' affine parameters fall back."""
+    for name, recognised, fallback in [("mlp", 3, 0), ("cnn", 4, 2), ("tokens", 2, 2), ("batchnorm", 2, 2)]:
+        model = make_model(name, torch.float64)
+        x, y = make_batch(name, torch.float64, seed=0)
+        roots = torch.stack(list(losses_of(model, x, y).values()))
+        step = GramianEngine().gramian(roots, shared_of(model))
+        assert len(step.layers) == recognised, name
+        assert len(step.fallback) == fallback, name
+        assert len(step.heads) == 2 * len(TASKS)
+
+
+def test_cost_model_picks_b_side_for_a_wide_layer_and_small_batch():
+    torch.manual_seed(0)
+    layer = nn.Linear(256, 256)
+    heads = [nn.Linear(256, 1) for _ in TASKS]
+    z = layer(torch.randn(8, 256))
+    roots = torch.stack([h(z).pow(2).mean() for h in heads])
+    step = GramianEngine().gramian(roots, list(layer.parameters()))
+    assert [layer.form for layer in step.layers] == ["b_side"]
+    torch.manual_seed(0)
+    narrow = nn.Linear(4, 4)
+    z = narrow(torch.randn(512, 4))
+    roots = torch.stack([z[:, i].pow(2).mean() for i in range(3)])
+    step = GramianEngine().gramian(roots, list(narrow.parameters()))
+    assert [layer.form for layer in step.layers] == ["direct"]
+
+
+def test_in_place_change_of_a_saved_input_is_refused_by_autograd():
+    layer = nn.Linear(4, 4)
+    x = torch.randn(3, 4, requires_grad=True)
+    h = torch.tanh(x)
+    z = layer(h)
+    h.mul_(2)  # modifies the layer's saved input after the layer ran
+    roots = torch.stack([z[:, i].sum() for i in range(3)])
+    with pytest.raises(RuntimeError, match="inplace"):
+        GramianEngine().gramian(roots, list(layer.parameters()))
+
+
+def test_batching_is_chosen_once_per_graph_shape():
+    model = make_model("cnn", torch.float32)
+    engine = GramianEngine()
+    for seed in range(3):
+        x, y = make_batch("cnn", torch.float32, seed)
+        engine.gramian(torch.stack(list(losses_of(model, x, y).values())), shared_of(model))
+    assert len(engine._chosen) == 1
+    assert next(iter(engine._chosen.values())) in ("vmap", "loop")
+
+
+# ---------------------------------------------------------------------------------- whole balancer steps
+def gramian_methods() -> list[str]:
+    return [
+        m.name for m in taskbalance.available()
+        if m.family == "gradient" and m.cls.needs == "gramian" and m.feature_level != "only"
+    ]
+
+
+def run_steps(method: str, engine: str, model: nn.Module, model_name: str, dtype: torch.dtype
+              ) -> tuple[list[Tensor], dict[str, Tensor]]:
+    torch.manual_seed(123)  # randomised methods (PCGrad, GradVac) draw the same numbers on both paths
+    balancer = taskbalance.make(method, TASKS, gradients="parameters", engine=engine)
+    if balancer.needs != "gramian":
+        pytest.skip(f"{method} needs the Jacobian with its defaults")
+    optimizer = torch.optim.SGD([*model.parameters(), *balancer.parameters()], lr=0.05)
+    weights = []
+    for seed in range(3):
+        optimizer.zero_grad(set_to_none=True)
+        x, y = make_batch(model_name, dtype, seed)
+        record = balancer.backward(losses_of(model, x, y), shared=shared_of(model))
+        weights.append(record.weights)
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        optimizer.step()
+        balancer.end_epoch()
+    return weights, grads
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("model_name", list(MODELS))
+@pytest.mark.parametrize("method", gramian_methods())
+def test_gramian_engine_step_equals_jacobian_step(method, model_name, dtype):
+    model = make_model(model_name, dtype)
+    twin = copy.deepcopy(model)
+    weights_j, grads_j = run_steps(method, "jacobian", model, model_name, dtype)
+    weights_g, grads_g = run_steps(method, "gramian", twin, model_name, dtype)
+    tolerance = TOLERANCE[dtype]
+    for got, expected in zip(weights_g, weights_j, strict=True):
+        assert relative(got, expected) < tolerance, (got, expected)
+    assert grads_g.keys() == grads_j.keys()
+    # relative to the largest gradient entry (a bias before BatchNorm has gradient 0 up to rounding)
+    scale = max(float(g.abs().max()) for g in grads_j.values())
+    for name in grads_j:
+        assert float((grads_g[name] - grads_j[name]).abs().max()) <= tolerance * scale, name
+
+
+def test_engine_override_is_checked():
+    with pytest.raises(ValueError, match="needs the Jacobian"):
+        taskbalance.make("db-mtl", TASKS, engine="gramian")
+    with pytest.raises(ValueError, match="engine must be"):
+        taskbalance.make("mgda", TASKS, engine="fast")
+    assert taskbalance.make("mgda", TASKS, engine="jacobian").engine == "jacobian"
