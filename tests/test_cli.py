@@ -79,10 +79,14 @@ def test_bench_prints_the_summary_then_skips_finished_runs_and_exports(tmp_path:
     first = invoke(*args)
     assert first.exit_code == 0, first.output
     assert "single-task" in first.output and "Δm% ↓" in first.output and "lower is better" in first.output
-    assert "NEG / n.s. / pos" in first.output and "ms/step" in first.output
+    assert "NEG/n.s./pos" in first.output and "ms/step" in first.output
     assert "10 run(s) executed, 0 already done" in first.output
+    assert first.output.strip().splitlines()[-1].startswith("Conclusion: ")  # every bench ends with it
     again = invoke(*args)
     assert again.exit_code == 0 and "0 run(s) executed, 10 already done" in again.output
+    assert again.output.strip().splitlines()[-1].startswith("Conclusion: ")
+    report = invoke("report", str(out))
+    assert report.exit_code == 0 and report.output.strip().splitlines()[-1].startswith("Conclusion: ")
 
     exported = invoke("export", str(out), "--format", "csv")
     assert exported.exit_code == 0, exported.output

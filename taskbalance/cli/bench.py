@@ -52,6 +52,7 @@ def bench_command(
     from ..bench.study import Study, run_study, summarize
     from ..bench.suites import Suite, get_suite, split_available
     from ..bench.table import render_summary
+    from ..diagnostics.conclusion import conclusion
 
     console, log = make_console(), make_console(stderr=True)
     try:
@@ -139,6 +140,7 @@ def bench_command(
     )
     if report:
         _write_report(directory, specs, console)
+    console.print(conclusion(summary), highlight=False, markup=False, soft_wrap=True)  # last: what to act on
     if summary.failed:
         raise typer.Exit(code=1)
 

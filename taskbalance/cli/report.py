@@ -30,3 +30,5 @@ def report_command(
     console.print(f"wrote {files.markdown}", highlight=False)
     console.print(f"wrote {files.html} (self-contained)", highlight=False)
     console.print(f"wrote {len(files.plots)} plot(s) in {directory / 'plots'}", highlight=False)
+    for text in files.conclusions:  # last: what to act on (one per study in the store)
+        console.print(text, highlight=False, markup=False, soft_wrap=True)

@@ -32,6 +32,7 @@ __all__ = [
     "two_sample_test",
     "adjust_p_values",
     "seeds_needed",
+    "confidence_interval",
     "mean",
     "sample_std",
 ]
@@ -265,3 +266,16 @@ def seeds_needed(effect_size: float, alpha: float, *, limit: int = 50) -> int | 
         if size * math.sqrt(n) > t_quantile(1.0 - alpha / 2.0, n - 1):
             return n
     return None
+
+
+def confidence_interval(centre: float, std: float, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Two-sided Student-t interval of a mean over ``n`` seeds: ``centre ± t_{(1+level)/2, n−1} · std / √n``.
+
+    ``(nan, nan)`` with fewer than 2 seeds or a non-finite mean/std (no interval can be given).
+    """
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    if n < 2 or not math.isfinite(centre) or not math.isfinite(std):
+        return math.nan, math.nan
+    half = t_quantile(0.5 + level / 2.0, n - 1) * std / math.sqrt(n)
+    return centre - half, centre + half

@@ -41,6 +41,7 @@ from .stats import (
     CORRECTIONS,
     Correction,
     adjust_p_values,
+    confidence_interval,
     mean,
     sample_std,
     seeds_needed,
@@ -221,6 +222,14 @@ class TransferSummary:
     correction: str = "holm"
     family_size: int = 0
     delta_m_per_seed: list[float] = field(default_factory=list)
+    ci_low: float = math.nan
+    ci_high: float = math.nan
+    level: float = 0.95
+
+    @property
+    def has_ci(self) -> bool:
+        """Whether Δm has a confidence interval (≥ 2 matched seeds)."""
+        return math.isfinite(self.ci_low) and math.isfinite(self.ci_high)
 
     def verdict_counts(self) -> dict[str, int]:
         """How many scored tasks got each verdict."""
@@ -376,6 +385,10 @@ def compare_study(
             seed_note=plan.note,
             correction=correction,
             delta_m_per_seed=per_seed,
+            level=1.0 - alpha,
+        )
+        summary.ci_low, summary.ci_high = confidence_interval(
+            summary.delta_m, summary.delta_m_std, len(per_seed), 1.0 - alpha
         )
         for task in tasks:
             hib = bool(task.higher_is_better)

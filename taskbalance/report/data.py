@@ -21,7 +21,7 @@ from ..bench.runner import STL, RunSpec
 from ..bench.store import ResultsStore, RunRecord
 from ..bench.study import MethodSummary, StudySummary, summarize
 from ..bench.table import VERDICT_MARKS
-from ..diagnostics.stats import t_quantile
+from ..diagnostics.stats import confidence_interval, t_quantile
 
 __all__ = [
     "Section",
@@ -37,19 +37,6 @@ __all__ = [
 ]
 
 ColourSign = Literal["worse", "better", "equal", "missing"]
-
-
-def confidence_interval(mean: float, std: float, n: int, level: float = 0.95) -> tuple[float, float]:
-    """Two-sided Student-t interval of a mean over ``n`` seeds: ``mean ± t_{(1+level)/2, n−1} · std / √n``.
-
-    ``(nan, nan)`` with fewer than 2 seeds or a non-finite mean/std (no interval can be given).
-    """
-    if not 0.0 < level < 1.0:
-        raise ValueError(f"level must be in (0, 1), got {level}")
-    if n < 2 or not math.isfinite(mean) or not math.isfinite(std):
-        return math.nan, math.nan
-    half = t_quantile(0.5 + level / 2.0, n - 1) * std / math.sqrt(n)
-    return mean - half, mean + half
 
 
 def colour_sign(value: float, tolerance: float = 0.0) -> ColourSign:

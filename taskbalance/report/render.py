@@ -27,7 +27,8 @@ from pathlib import Path
 
 from ..bench.runner import RunSpec
 from ..bench.store import STORE_NAME, ResultsStore
-from ..bench.table import VERDICT_LEGEND, VERDICT_MARKS, VERDICT_RULE, format_value
+from ..bench.table import VERDICT_LEGEND, VERDICT_MARKS, VERDICT_RULE, format_value, verdict_counts_text
+from ..diagnostics.conclusion import conclusion
 from .data import MethodView, Section, load_sections, relative_change_matrix
 from .plots import (
     plot_cost_vs_delta_m,
@@ -52,7 +53,7 @@ class Heading:
 @dataclass
 class Note:
     text: str
-    kind: str = "note"  # note | warning
+    kind: str = "note"  # note | warning | conclusion
 
 
 @dataclass
@@ -90,6 +91,7 @@ class ReportFiles:
     markdown: Path
     html: Path
     plots: list[Path] = field(default_factory=list)
+    conclusions: list[str] = field(default_factory=list)  # one "Conclusion: ..." paragraph per section
 
 
 # ---------------------------------------------------------------------------------------------- formatting
@@ -134,69 +136,91 @@ def _protocol_line(section: Section) -> str:
     return "Protocol: " + ", ".join(parts) + "."
 
 
+TASKS_PER_TABLE = 6
+"""Per-task tables show at most this many task columns each (more tasks: several tables), so that no table
+is wider than the page and nothing hides behind a scrollbar."""
+
+
 def _summary_table(section: Section) -> Table:
+    """The compact per-method table: its width does not depend on the number of tasks."""
     level = round(section.level * 100)
-    headers = ["method", "seeds"]
-    for task in section.summary.tasks:
-        arrow = "↑" if task.higher_is_better else "↓"
-        unit = f" [{task.unit}]" if task.unit else ""
-        aux = " (aux)" if task.role == "auxiliary" else ""
-        headers.append(f"{task.name}{aux} {task.metric}{unit} {arrow}")
-    headers += ["Δm% ↓ (mean ± std)", f"Δm% {level}% CI", "NEG / n.s. / pos", "ms/step", "peak MB"]
-    names = section.task_names
+    headers = ["method", "seeds", "Δm% ↓ (mean ± std)", f"Δm% {level}% CI", "NEG / n.s. / pos", "ms/step"]
+    headers.append("peak MB")
     rows: list[list[Cell]] = []
     baseline = section.summary.baseline
     if baseline is not None:
         rows.append(
-            [Cell("single-task", "ref"), Cell(str(baseline.seeds))]
-            + [Cell(_pm(baseline.metric_mean[n], baseline.metric_std[n])) for n in names]
-            + [
+            [
+                Cell("single-task", "ref"),
+                Cell(str(baseline.seeds)),
                 Cell("0 (reference)"),
                 Cell("–"),
                 Cell("–"),
-                Cell(format_value(baseline.ms_per_step, 3)),
-                Cell(format_value(baseline.peak_memory_mb, 3)),
             ]
+            + [Cell(format_value(baseline.ms_per_step, 3)), Cell(format_value(baseline.peak_memory_mb, 3))]
         )
     for view in section.methods:
         item = view.summary
         cells = [Cell(item.label), Cell(str(item.seeds))]
-        cells += [Cell(_pm(item.metric_mean[n], item.metric_std[n])) for n in names]
         if item.transfer is None:
             cells += [Cell("unavailable"), Cell("–"), Cell("–")]
         else:
+            cells[1] = Cell(str(item.transfer.seeds))
             cells.append(Cell(_pm(item.transfer.delta_m, item.transfer.delta_m_std), delta_m_css(view)))
             if view.has_ci:
                 cells.append(Cell(f"[{format_value(view.ci_low, 3)}, {format_value(view.ci_high, 3)}]"))
             else:
                 cells.append(Cell(f"no CI ({item.transfer.seeds} seed)"))
-            counts = item.transfer.verdict_counts()
-            neg = counts.get("negative transfer", 0)
-            cells.append(
-                Cell(
-                    f"{neg} / {counts.get('no significant difference', 0)} / "
-                    f"{counts.get('positive transfer', 0)}"
-                    + (f" ({counts['insufficient seeds']} ?)" if counts.get("insufficient seeds") else ""),
-                    "neg" if neg else "",
-                )
-            )
+            neg = item.transfer.verdict_counts().get("negative transfer", 0)
+            cells.append(Cell(verdict_counts_text(item.transfer), "neg" if neg else ""))
         cells += [Cell(format_value(item.ms_per_step, 3)), Cell(format_value(item.peak_memory_mb, 3))]
         rows.append(cells)
     return Table(headers, rows)
 
 
-def _transfer_table(section: Section) -> Table | None:
+def _metric_tables(section: Section) -> list[Table]:
+    """Test metric mean ± std per task, methods as rows, at most :data:`TASKS_PER_TABLE` tasks per table."""
+    items = ([section.summary.baseline] if section.summary.baseline is not None else []) + [
+        v.summary for v in section.methods
+    ]
+    tables = []
+    tasks = section.summary.tasks
+    for start in range(0, len(tasks), TASKS_PER_TABLE):
+        chunk = tasks[start : start + TASKS_PER_TABLE]
+        headers = ["method"]
+        for task in chunk:
+            arrow = "↑" if task.higher_is_better else "↓"
+            unit = f" [{task.unit}]" if task.unit else ""
+            aux = " (aux)" if task.role == "auxiliary" else ""
+            headers.append(f"{task.name}{aux} {task.metric}{unit} {arrow}")
+        rows = [
+            [Cell(item.label, "ref" if item is section.summary.baseline else "")]
+            + [Cell(_pm(item.metric_mean[t.name], item.metric_std[t.name])) for t in chunk]
+            for item in items
+        ]
+        tables.append(Table(headers, rows))
+    return tables
+
+
+def _transfer_tables(section: Section) -> list[Table]:
     labels, tasks, values, marks = relative_change_matrix(section)
     if not labels:
-        return None
-    rows = []
-    for label, row_values, row_marks in zip(labels, values, marks, strict=True):
-        cells = [Cell(label)]
-        for value, mark in zip(row_values, row_marks, strict=True):
-            text = "–" if not math.isfinite(value) else f"{value:+.2f}% {mark}".rstrip()
-            cells.append(Cell(text, _verdict_css(mark)))
-        rows.append(cells)
-    return Table(["method", *tasks], rows)
+        return []
+    tables = []
+    for start in range(0, len(tasks), TASKS_PER_TABLE):
+        rows = []
+        for label, row_values, row_marks in zip(labels, values, marks, strict=True):
+            cells = [Cell(label)]
+            for value, mark in zip(
+                row_values[start : start + TASKS_PER_TABLE],
+                row_marks[start : start + TASKS_PER_TABLE],
+                strict=True,
+            ):
+                text = "–" if not math.isfinite(value) else f"{value:+.2f}% {mark}".rstrip()
+                cells.append(Cell(text, _verdict_css(mark)))
+            rows.append(cells)
+        tables.append(Table(["method", *tasks[start : start + TASKS_PER_TABLE]], rows))
+    return tables
 
 
 def _notes(section: Section) -> list[Block]:
@@ -322,9 +346,12 @@ _PLOTS: list[tuple[str, str, str, Callable[[Section, Path], Path | str]]] = [
 
 
 def _section_blocks(
-    section: Section, plots_dir: Path, heading: str, draw_plots: bool
+    section: Section, plots_dir: Path, heading: str, draw_plots: bool, with_conclusion: bool = True
 ) -> tuple[list[Block], list[Path]]:
-    blocks: list[Block] = [Heading(2, heading), Note(_protocol_line(section))]
+    blocks: list[Block] = [Heading(2, heading)]
+    if with_conclusion:
+        blocks.append(Note(conclusion(section.summary), "conclusion"))
+    blocks.append(Note(_protocol_line(section)))
     seeds = sorted({m.summary.seeds for m in section.methods})
     blocks.append(
         Note(
@@ -335,11 +362,13 @@ def _section_blocks(
     )
     blocks.append(Heading(3, "Summary"))
     blocks.append(_summary_table(section))
+    blocks.append(Heading(3, "Test metric per task (mean ± std over seeds)"))
+    blocks += _metric_tables(section)
     blocks += _notes(section)
-    transfer = _transfer_table(section)
-    if transfer is not None:
+    transfer = _transfer_tables(section)
+    if transfer:
         blocks.append(Heading(3, "Per-task transfer: relative change % vs single-task (lower is better)"))
-        blocks.append(transfer)
+        blocks += transfer
     blocks += _failures(section)
     blocks.append(Heading(3, "Plots"))
     written: list[Path] = []
@@ -357,8 +386,13 @@ def _section_blocks(
 
 
 # ---------------------------------------------------------------------------------------------- writers
+def _md_text(text: str) -> str:
+    """Text placed in Markdown: HTML escaped (a task or column name like ``<img onerror=…>`` stays text)."""
+    return html.escape(text, quote=False)
+
+
 def _md_escape(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
+    return _md_text(text).replace("|", "\\|").replace("\n", " ")
 
 
 def to_markdown(blocks: Sequence[Block], base: Path) -> str:
@@ -366,9 +400,10 @@ def to_markdown(blocks: Sequence[Block], base: Path) -> str:
     lines: list[str] = []
     for block in blocks:
         if isinstance(block, Heading):
-            lines += ["#" * block.level + " " + block.text, ""]
+            lines += ["#" * block.level + " " + _md_escape(block.text), ""]
         elif isinstance(block, Note):
-            lines += [("> **Note:** " if block.kind == "warning" else "") + block.text, ""]
+            prefix = {"warning": "> **Note:** ", "conclusion": "> "}.get(block.kind, "")
+            lines += [prefix + _md_text(block.text), ""]
         elif isinstance(block, Table):
             lines.append("| " + " | ".join(_md_escape(h) for h in block.headers) + " |")
             lines.append("|" + "|".join(["---"] + ["---:"] * (len(block.headers) - 1)) + "|")
@@ -395,13 +430,16 @@ h1 { font-size: 1.6em; border-bottom: 2px solid #ddd; padding-bottom: .2em; }
 h2 { font-size: 1.3em; margin-top: 1.8em; border-bottom: 1px solid #eee; }
 h3 { font-size: 1.1em; margin-top: 1.4em; }
 table { border-collapse: collapse; margin: .6em 0; font-size: .9em; }
-th, td { border: 1px solid #ccc; padding: .3em .6em; text-align: right; white-space: nowrap; }
+th, td { border: 1px solid #ccc; padding: .3em .6em; text-align: right; }
+td { white-space: nowrap; }
+th { white-space: normal; vertical-align: bottom; }
 th { background: #f3f3f3; }
 td:first-child, th:first-child { text-align: left; font-weight: 600; }
 td.neg { background: #f8d7d3; color: #8b1a10; }
 td.pos { background: #d6e6f5; color: #123f73; }
 td.ref { color: #555; }
 p.note { color: #444; font-size: .92em; }
+p.conclusion { background: #eef4ea; border-left: 4px solid #3c7d2b; padding: .5em .8em; font-size: 1em; }
 p.warning { background: #fff6d9; border-left: 4px solid #e0b000; padding: .4em .7em; font-size: .92em; }
 figure { margin: 1em 0 2em; }
 figure img { max-width: 100%; border: 1px solid #eee; }
@@ -512,6 +550,9 @@ def write_report(
             )
         )
     written_plots: list[Path] = []
+    conclusions = [conclusion(section.summary) for section in sections]
+    if len(sections) == 1:
+        blocks.append(Note(conclusions[0], "conclusion"))  # heads the report
     for index, section in enumerate(sections):
         plots_dir = root / PLOTS_DIR
         if index > 0:
@@ -519,13 +560,15 @@ def write_report(
         heading = f"Study: {section.dataset}" + (
             f" (protocol {section.protocol_hash})" if len(sections) > 1 else ""
         )
-        section_blocks, written = _section_blocks(section, plots_dir, heading, plots)
+        section_blocks, written = _section_blocks(
+            section, plots_dir, heading, plots, with_conclusion=len(sections) > 1
+        )
         blocks += section_blocks
         written_plots += written
     markdown, page = root / REPORT_MD, root / REPORT_HTML
     _write_text(markdown, to_markdown(blocks, root))
     _write_text(page, to_html(blocks, page_title))
-    return ReportFiles(markdown, page, written_plots)
+    return ReportFiles(markdown, page, written_plots, conclusions)
 
 
 def verdict_marks() -> dict[str, str]:
