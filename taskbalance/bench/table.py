@@ -212,9 +212,9 @@ def render_summary(summary: StudySummary, console: Any, *, title: str = "") -> N
         console.print("No single-task baselines in this study: Δm and verdicts are not available.")
     if summary.failed:
         console.print(f"[red]{len(summary.failed)} run(s) failed:[/red]")
-        for row in summary.failed:
-            last = (row.get("error") or "").strip().splitlines()[-1:] or ["?"]
-            console.print(f"  {row['label']} seed {row['seed']}: {last[0]}", markup=False)
+        for failed_run in summary.failed:
+            last = (failed_run.error or "").strip().splitlines()[-1:] or ["?"]
+            console.print(f"  {failed_run.label} seed {failed_run.seed}: {last[0]}", markup=False)
     if summary.unfinished:
         console.print(
             f"{summary.unfinished} run(s) not finished; run the same command again to complete them."
