@@ -37,3 +37,12 @@ __all__ = [
     "make",
     "method_info",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """Lazy public names (heavier imports): ``taskbalance.StudyLog``, reports from your own loop."""
+    if name == "StudyLog":
+        from .report.own_loop import StudyLog
+
+        return StudyLog
+    raise AttributeError(f"module 'taskbalance' has no attribute {name!r}")

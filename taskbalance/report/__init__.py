@@ -10,6 +10,7 @@ Needs the ``report`` extra (matplotlib). See ``docs/report.md``.
 """
 
 from .data import Section, confidence_interval, load_sections, relative_change_matrix, t_quantile
+from .own_loop import StudyLog
 from .render import PLOTS_DIR, REPORT_HTML, REPORT_MD, ReportFiles, write_report
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "REPORT_MD",
     "ReportFiles",
     "Section",
+    "StudyLog",
     "confidence_interval",
     "load_sections",
     "relative_change_matrix",

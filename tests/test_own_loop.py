@@ -1,0 +1,78 @@
+"""Reports from the user's own loop (taskbalance.StudyLog) equal bench's on the same runs."""
+
+from __future__ import annotations
+
+import io
+import re
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+import taskbalance
+from taskbalance.bench.executor import SerialExecutor
+from taskbalance.bench.store import ResultsStore
+from taskbalance.bench.study import Study, run_study, summarize
+from taskbalance.bench.suites import MethodEntry, get_suite
+from taskbalance.bench.table import render_summary
+from taskbalance.data.tiny import tiny_data
+from taskbalance.diagnostics.conclusion import conclusion
+from taskbalance.report import write_report
+from taskbalance.train import TrainConfig
+
+
+def _render(summary) -> str:
+    buffer = io.StringIO()
+    render_summary(summary, Console(file=buffer, width=120))
+    return buffer.getvalue()
+
+
+def _tables(markdown: str) -> list[str]:
+    """The report's table rows and the conclusion (everything but the date, protocol and plots)."""
+    return [line for line in markdown.splitlines() if line.startswith(("|", "> Conclusion"))]
+
+
+def test_own_loop_runs_give_the_bench_report(tmp_path: Path):
+    data = tiny_data()
+    study = Study.from_suite(
+        get_suite("quick"),
+        data.tasks,
+        methods=[MethodEntry(m, m) for m in ("ew", "ema")],
+        seeds=[0, 1, 2],
+        train=TrainConfig(epochs=1, batch_size=64, lr=1e-2),
+    )
+    specs = study.specs()
+    with ResultsStore(tmp_path / "bench") as store:
+        run_study(specs, store, SerialExecutor())
+        bench_summary = summarize(store, specs)
+        rows = [r for r in store.runs() if r.status == "done"]
+        curves = {r.id: store.curves(r.id) for r in rows}
+    bench_files = write_report(tmp_path / "bench", specs=specs, plots=False)
+
+    log = taskbalance.StudyLog(tmp_path / "mine", tasks=data.tasks, dataset="tiny")
+    for row in rows:
+        extra = {"ms_per_step": row.ms_per_step, "peak_memory_mb": row.peak_memory_mb}
+        history = curves[row.id].get("history", [])
+        if row.method == "stl":
+            log.add_baseline(row.hyperparameters["task"], row.seed, row.metrics, history=history, **extra)
+        else:
+            weights = curves[row.id].get("weights", [])
+            log.add_run(row.label, row.seed, row.metrics, history=history, weights=weights, **extra)
+    own_summary = log.summary()
+    assert _render(own_summary) == _render(bench_summary)
+    assert log.conclusion() == conclusion(bench_summary) and log.conclusion().startswith("Conclusion: ")
+    own_files = log.write_report(plots=False)
+    assert _tables(own_files.markdown.read_text()) == _tables(bench_files.markdown.read_text())
+    assert own_files.conclusions == bench_files.conclusions
+    html = own_files.html.read_text()
+    assert re.search(r'<p class="conclusion">Conclusion: ', html)
+
+
+def test_own_loop_rejects_unknown_tasks_and_non_finite_metrics(tmp_path: Path):
+    log = taskbalance.StudyLog(tmp_path, tasks=tiny_data().tasks)
+    with pytest.raises(KeyError, match="unknown task"):
+        log.add_baseline("nope", 0, {"nope": 1.0})
+    with pytest.raises(KeyError, match="no metric for task"):
+        log.add_run("ew", 0, {"a": 1.0})
+    with pytest.raises(ValueError, match="non-finite"):
+        log.add_baseline("a", 0, {"a": float("nan")})
