@@ -14,11 +14,16 @@ from .common import check_methods, dataset_source, fail, load_data, make_console
 
 
 def bench_command(
-    suite: Annotated[str | None, typer.Option(help="a named suite: demo, quick, aux, aux-qm9")] = None,
+    suite: Annotated[
+        str | None, typer.Option(help="a named suite: demo, quick, aux, aux-qm9, qm9-paper")
+    ] = None,
     dataset: Annotated[str | None, typer.Option(help="a built-in dataset (instead of --suite)")] = None,
     methods: Annotated[str | None, typer.Option(help="comma-separated methods, e.g. ew,ema,pcgrad")] = None,
     seeds: Annotated[int | None, typer.Option(min=1, help="number of seeds (0..N-1)")] = None,
     epochs: Annotated[int | None, typer.Option(min=1, help="override the suite's epochs")] = None,
+    subset: Annotated[
+        int | None, typer.Option(min=3, help="a seeded random subset of N samples (qm9, qm9_graph)")
+    ] = None,
     out: Annotated[
         Path | None, typer.Option(help="study directory (results.sqlite); default runs/<name>")
     ] = None,
@@ -92,6 +97,8 @@ def bench_command(
     if not runnable:
         fail("none of the requested methods is registered; see `taskbalance methods`")
     train = replace(chosen.train, epochs=epochs) if epochs is not None else chosen.train
+    if subset is not None:
+        chosen = replace(chosen, dataset_options={**chosen.dataset_options, "subset": subset})
     data = load_data(chosen.dataset, chosen.dataset_options)
     directory = out if out is not None else Path("runs") / chosen.name
     study = Study.from_suite(

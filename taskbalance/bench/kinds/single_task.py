@@ -7,6 +7,7 @@ down to that task and trained with EW (i.e. plain ``loss.backward()``) under exa
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -48,7 +49,9 @@ def restrict_tasks(data: MultiTaskData, names: list[str]) -> MultiTaskData:
         raise ValueError(f"dataset {data.name!r} has no task(s) {unknown}; tasks: {data.task_names}")
 
     def cut(split: Split) -> Split:
-        return Split(split.x, {n: split.y[n] for n in names}, {n: split.mask[n] for n in names})
+        # dataclasses.replace keeps the split's class (a GraphSplit keeps its molecular graphs)
+        y, mask = {n: split.y[n] for n in names}, {n: split.mask[n] for n in names}
+        return dataclasses.replace(split, y=y, mask=mask)
 
     tasks = tuple(t for t in data.tasks if t.name in names)
     return MultiTaskData(
