@@ -76,3 +76,18 @@ def test_own_loop_rejects_unknown_tasks_and_non_finite_metrics(tmp_path: Path):
         log.add_run("ew", 0, {"a": 1.0})
     with pytest.raises(ValueError, match="non-finite"):
         log.add_baseline("a", 0, {"a": float("nan")})
+
+
+def test_report_md_escapes_html_in_user_names(tmp_path: Path):
+    from taskbalance.data import Task
+
+    evil = "<img src=x onerror=alert(1)>"
+    log = taskbalance.StudyLog(tmp_path, tasks=[Task(evil, "regression")], dataset="<b>data</b>")
+    for seed in range(2):
+        log.add_baseline(evil, seed, {evil: 1.0 + 0.1 * seed})
+        log.add_run("ew", seed, {evil: 1.2 + 0.05 * seed}, label="<script>x</script>")
+    files = log.write_report(plots=False)
+    markdown, page = files.markdown.read_text(), files.html.read_text()
+    assert "<img" not in markdown and "<script" not in markdown and "<b>" not in markdown
+    assert "&lt;img src=x onerror=alert(1)&gt;" in markdown
+    assert "<img src=x" not in page and "<script" not in page
