@@ -5,14 +5,20 @@ Usage::
     python benchmarks/step_overhead.py                 # all configurations, all methods, TorchJD if installed
     python benchmarks/step_overhead.py --configs a --methods ew,ema,mgda --rounds 3
 
-Configurations (shared MLP trunk: input 64, three hidden layers, batch 128, one linear head per task):
-  a: 3 tasks, hidden 256      b: 11 tasks, hidden 256      c: 3 tasks, hidden 1024
+Configurations (one linear head per task):
+  a: MLP 64→3×256, 3 tasks, batch 128     b: same, 11 tasks     c: MLP hidden 1024, 3 tasks, batch 128
+  d: 3-conv CNN (3→16→32→32 channels, 32×32 input, batch 64), 3 tasks
+  z: a compute-free MLP (8→3×8, batch 8, 3 tasks): the fixed cost of a step
 
 Each step is ``zero_grad → forward → backward (or balancer.backward / TorchJD mtl_backward + jac_to_grad) →
-SGD step`` (FAMO also re-evaluates the losses after the step, as it must). Variants run in interleaved rounds
-in one process; a round times every variant for ``--steps`` steps after a warm-up. The ratio is taken per
-round against the plain step of the same round, and the table shows medians over rounds. Peak memory is
-the largest net allocation during one step, from torch.profiler (an approximation on CPU).
+SGD step`` (FAMO also re-evaluates the losses after the step, as it must). TorchJD is timed two ways for
+the methods it has: ``autojac`` (``mtl_backward`` + ``jac_to_grad``, the Jacobian) and ``autogram`` (its
+Gramian engine on the trunk, the weighting, then ``losses.backward(weights)``). Variants run in interleaved
+rounds in one process; a round times every variant for ``--steps`` steps after a warm-up, on the process's
+CPU-time clock by default (``--clock wall`` for wall time; CPU time is the steadier of the two on a shared
+machine). The ratio is taken per round against the plain step of the same round, and the same-round ratio
+ours / TorchJD is taken per round too; the table shows medians over rounds. Peak memory is the largest net
+allocation during one step, from torch.profiler (an approximation on CPU).
 """
 
 from __future__ import annotations
@@ -29,7 +35,14 @@ from torch import Tensor, nn
 
 import taskbalance as tb
 
-CONFIGS = {"a": (3, 256), "b": (11, 256), "c": (3, 1024)}
+# name -> (architecture, tasks, hidden width, batch)
+CONFIGS = {
+    "a": ("mlp", 3, 256, 128),
+    "b": ("mlp", 11, 256, 128),
+    "c": ("mlp", 3, 1024, 128),
+    "d": ("cnn", 3, 32, 64),
+    "z": ("mlp", 3, 8, 8),
+}
 EXTRA_KWARGS: dict[str, Callable[[list[str]], dict]] = {"hydalearn": lambda tasks: {"main": tasks[0]}}
 # extra variants worth timing: registry name -> (label suffix, hyperparameters)
 EXTRA_VARIANTS: dict[str, list[tuple[str, dict]]] = {"famo": [("next batch", {"loss_change": "next_batch"})]}
@@ -46,19 +59,41 @@ TORCHJD = {
     "gradvac": lambda k, agg: agg.GradVac(),
     "graddrop": lambda k, agg: agg.GradDrop(),
 }
+# our registry name -> TorchJD Gramian weighting (for autogram)
+TORCHJD_WEIGHTING = {
+    "mgda": lambda k, agg: agg.MGDAWeighting(),
+    "upgrad": lambda k, agg: agg.UPGradWeighting(),
+    "dualproj": lambda k, agg: agg.DualProjWeighting(),
+    "cagrad": lambda k, agg: agg.CAGradWeighting(c=0.5),
+    "imtl-g": lambda k, agg: agg.IMTLGWeighting(),
+    "aligned-mtl": lambda k, agg: agg.AlignedMTLWeighting(),
+    "pcgrad": lambda k, agg: agg.PCGradWeighting(),
+}
 
 
 class SharedMLP(nn.Module):
-    def __init__(self, tasks: list[str], hidden: int, in_features: int = 64) -> None:
+    def __init__(self, tasks: list[str], hidden: int, in_features: int = 64, cnn: bool = False) -> None:
         super().__init__()
-        self.trunk = nn.Sequential(
-            nn.Linear(in_features, hidden),
-            nn.ReLU(),
-            nn.Linear(hidden, hidden),
-            nn.ReLU(),
-            nn.Linear(hidden, hidden),
-            nn.ReLU(),
-        )
+        if cnn:
+            self.trunk = nn.Sequential(
+                nn.Conv2d(3, 16, 3, padding=1),
+                nn.ReLU(),
+                nn.Conv2d(16, 32, 3, padding=1, stride=2),
+                nn.ReLU(),
+                nn.Conv2d(32, hidden, 3, padding=1, stride=2),
+                nn.ReLU(),
+                nn.AdaptiveAvgPool2d(1),
+                nn.Flatten(),
+            )
+        else:
+            self.trunk = nn.Sequential(
+                nn.Linear(in_features, hidden),
+                nn.ReLU(),
+                nn.Linear(hidden, hidden),
+                nn.ReLU(),
+                nn.Linear(hidden, hidden),
+                nn.ReLU(),
+            )
         self.heads = nn.ModuleDict({t: nn.Linear(hidden, 1) for t in tasks})
 
     def forward(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
@@ -74,14 +109,18 @@ class Variant:
     method: str
 
 
-def build_variants(tasks: list[str], hidden: int, methods: list[str], with_torchjd: bool) -> list[Variant]:
+def build_variants(
+    config: str, tasks: list[str], methods: list[str], with_torchjd: bool, engines: list[str]
+) -> list[Variant]:
+    arch, _, hidden, batch = CONFIGS[config]
     torch.manual_seed(0)
-    x = torch.randn(128, 64)
-    targets = torch.randn(128, len(tasks))
+    in_features = 8 if hidden <= 8 else 64
+    x = torch.randn(batch, 3, 32, 32) if arch == "cnn" else torch.randn(batch, in_features)
+    targets = torch.randn(batch, len(tasks))
 
     def fresh() -> tuple[SharedMLP, torch.optim.Optimizer]:
         torch.manual_seed(0)
-        model = SharedMLP(tasks, hidden)
+        model = SharedMLP(tasks, hidden, in_features, cnn=arch == "cnn")
         return model, torch.optim.SGD(model.parameters(), lr=1e-3)
 
     def losses_of(model: SharedMLP) -> tuple[Tensor, dict[str, Tensor]]:
@@ -108,10 +147,17 @@ def build_variants(tasks: list[str], hidden: int, methods: list[str], with_torch
             levels = ["features"]
         for level in levels:
             variants.append(_ours(name, info.family, level, tasks, fresh, losses_of))
+            if info.family == "gradient" and level == "parameters" and info.cls.needs == "gramian":
+                for engine in engines:
+                    variants.append(_ours(
+                        name, info.family, level, tasks, fresh, losses_of, {"engine": engine}, engine
+                    ))
         for suffix, hyper in EXTRA_VARIANTS.get(name, []):
             variants.append(_ours(name, info.family, "parameters", tasks, fresh, losses_of, hyper, suffix))
         if with_torchjd and name in TORCHJD:
             variants.append(_torchjd(name, tasks, fresh, losses_of))
+        if with_torchjd and name in TORCHJD_WEIGHTING:
+            variants.append(_torchjd_autogram(name, tasks, fresh, losses_of))
     if with_torchjd:
         variants.append(_torchjd("sum", tasks, fresh, losses_of))
     return variants
@@ -162,6 +208,25 @@ def _torchjd(name, tasks, fresh, losses_of) -> Variant:
     return Variant(f"torchjd {name}", step, "torchjd", name)
 
 
+def _torchjd_autogram(name, tasks, fresh, losses_of) -> Variant:
+    import torchjd.aggregation as agg
+    from torchjd.autogram import Engine
+
+    model, opt = fresh()
+    weighting = TORCHJD_WEIGHTING[name](len(tasks), agg)
+    engine = Engine(model.trunk, batch_dim=None)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        _, losses = losses_of(model)
+        stacked = torch.stack(list(losses.values()))
+        weights = weighting(engine.compute_gramian(stacked))
+        stacked.backward(weights)
+        opt.step()
+
+    return Variant(f"torchjd autogram {name}", step, "torchjd-autogram", name)
+
+
 def peak_memory_mb(step: Callable[[], None]) -> float:
     from torch.profiler import ProfilerActivity, profile
 
@@ -175,26 +240,44 @@ def peak_memory_mb(step: Callable[[], None]) -> float:
 
 
 def run(
-    config: str, methods: list[str], rounds: int, steps: int, with_torchjd: bool, memory: bool
+    config: str,
+    methods: list[str],
+    rounds: int,
+    steps: int,
+    with_torchjd: bool,
+    memory: bool,
+    clock: str = "cpu",
+    engines: tuple[str, ...] = ("jacobian",),
 ) -> list[dict]:
-    k, hidden = CONFIGS[config]
+    _, k, hidden, _ = CONFIGS[config]
     tasks = [f"t{i}" for i in range(k)]
-    variants = build_variants(tasks, hidden, methods, with_torchjd)
+    variants = build_variants(config, tasks, methods, with_torchjd, list(engines))
+    now = time.process_time if clock == "cpu" else time.perf_counter
     times: dict[str, list[float]] = {v.label: [] for v in variants}
     ratios: dict[str, list[float]] = {v.label: [] for v in variants}
-    for v in variants:  # warm-up (also first-call allocations, solver caches)
+    vs_autojac: dict[str, list[float]] = {v.label: [] for v in variants}
+    vs_autogram: dict[str, list[float]] = {v.label: [] for v in variants}
+    for v in variants:  # warm-up (also first-call allocations, solver caches, the engine's batching choice)
         for _ in range(3):
             v.step()
     for _ in range(rounds):
         round_ms: dict[str, float] = {}
         for v in variants:
-            start = time.perf_counter()
+            start = now()
             for _ in range(steps):
                 v.step()
-            round_ms[v.label] = (time.perf_counter() - start) * 1e3 / steps
-        for label, ms in round_ms.items():
-            times[label].append(ms)
-            ratios[label].append(ms / round_ms["plain sum"])
+            round_ms[v.label] = (now() - start) * 1e3 / steps
+        for v in variants:
+            ms = round_ms[v.label]
+            times[v.label].append(ms)
+            ratios[v.label].append(ms / round_ms["plain sum"])
+            if v.kind.startswith("ours"):
+                autojac = round_ms.get(f"torchjd {v.method}")
+                autogram = round_ms.get(f"torchjd autogram {v.method}")
+                if autojac:
+                    vs_autojac[v.label].append(ms / autojac)
+                if autogram:
+                    vs_autogram[v.label].append(ms / autogram)
     rows = []
     for v in variants:
         rows.append(
@@ -207,6 +290,8 @@ def run(
                 "method": v.method,
                 "ms_per_step": statistics.median(times[v.label]),
                 "ratio": statistics.median(ratios[v.label]),
+                "vs_autojac": statistics.median(vs_autojac[v.label]) if vs_autojac[v.label] else None,
+                "vs_autogram": statistics.median(vs_autogram[v.label]) if vs_autogram[v.label] else None,
                 "peak_mb": peak_memory_mb(v.step) if memory else float("nan"),
             }
         )
@@ -214,18 +299,16 @@ def run(
 
 
 def print_table(rows: list[dict]) -> None:
-    by_key = {(r["config"], r["kind"], r["method"]): r for r in rows}
     print(
-        f"\n{'cfg':<4}{'variant':<26}{'ms/step':>9}{'× plain':>9}{'peak MB':>9}"
-        f"{'TorchJD ×':>11}{'ours/TJD':>10}"
+        f"\n{'cfg':<4}{'variant':<34}{'ms/step':>9}{'× plain':>9}{'peak MB':>9}"
+        f"{'/autojac':>10}{'/autogram':>11}"
     )
     for r in rows:
-        tjd = by_key.get((r["config"], "torchjd", r["method"])) if r["kind"] == "ours" else None
-        tjd_ratio = f"{tjd['ratio']:.2f}" if tjd else ""
-        rel = f"{r['ratio'] / tjd['ratio']:.2f}" if tjd else ""
+        autojac = f"{r['vs_autojac']:.2f}" if r.get("vs_autojac") else ""
+        autogram = f"{r['vs_autogram']:.2f}" if r.get("vs_autogram") else ""
         print(
-            f"{r['config']:<4}{r['variant']:<26}{r['ms_per_step']:>9.2f}{r['ratio']:>9.2f}"
-            f"{r['peak_mb']:>9.1f}{tjd_ratio:>11}{rel:>10}"
+            f"{r['config']:<4}{r['variant']:<34}{r['ms_per_step']:>9.2f}{r['ratio']:>9.2f}"
+            f"{r['peak_mb']:>9.1f}{autojac:>10}{autogram:>11}"
         )
 
 
@@ -233,7 +316,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--configs", default="a,b,c")
+    parser.add_argument("--configs", default="a,b,c,d,z")
+    parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
+    parser.add_argument(
+        "--engines", default="jacobian",
+        help="extra engine variants of Gramian methods to time beside the default 'auto' (comma-separated)",
+    )
     parser.add_argument(
         "--methods", default="all", help="comma-separated registry names, 'loss', 'gradient' or 'all'"
     )
@@ -260,11 +348,15 @@ def main() -> None:
             with_torchjd = False
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"rounds={args.rounds}, steps={args.steps}"
+        f"rounds={args.rounds}, steps={args.steps}, clock={args.clock}"
     )
     rows: list[dict] = []
     for config in args.configs.split(","):
-        rows += run(config.strip(), methods, args.rounds, args.steps, with_torchjd, not args.no_memory)
+        engines = tuple(e.strip() for e in args.engines.split(",") if e.strip())
+        rows += run(
+            config.strip(), methods, args.rounds, args.steps, with_torchjd, not args.no_memory, args.clock,
+            engines,
+        )
         print_table([r for r in rows if r["config"] == config.strip()])
     if args.json:
         with open(args.json, "w") as handle:
