@@ -16,7 +16,10 @@ are per-shard means, the result equals one process on the concatenated batch (up
   ordinary gradient all-reduce (``P_total`` floats) does the rest;
 * gradient-level methods, ``gradients="parameters"``: one all-reduce of the ``K × P_shared`` Jacobian, plus
   one all-reduce of the task-specific (head) gradients. The shared update is computed identically on every
-  rank from the reduced Jacobian, so it is not communicated again;
+  rank from the reduced Jacobian, so it is not communicated again. Through the Gramian engine
+  (:mod:`taskbalance.gramian`, the default for methods that need only the Gramian) it is one all-reduce of
+  the ``K × (P_shared + P_heads)`` per-task gradients, layer by layer in the direct form; the global Gramian,
+  cross-rank terms included, and the update are then formed identically on every rank;
 * gradient-level methods, ``gradients="features"``: one all-gather of the ``K × N`` feature Jacobians (every
   rank needs the whole global-batch matrix), then one all-reduce of all parameter gradients.
 

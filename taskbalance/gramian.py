@@ -48,7 +48,7 @@ approximation (our extension, in the spirit of the "shared-representation" appro
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
@@ -309,11 +309,21 @@ class GramianEngine:
         self._eye: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}
 
     # ------------------------------------------------------------------ public
-    def gramian(self, roots: Tensor, shared: Sequence[Tensor]) -> GramianStep:
+    def gramian(
+        self,
+        roots: Tensor,
+        shared: Sequence[Tensor],
+        reduce_rows: Callable[[Tensor], Tensor] | None = None,
+    ) -> GramianStep:
         """The float64 Gramian of ``∇θ roots[k]`` over ``shared`` (plus the per-task head gradients).
 
         ``roots`` is the ``(k,)`` vector of (possibly scaled) losses. The autograd graph is released unless
         the partial Gramian needs it for its update.
+
+        ``reduce_rows`` (data parallelism): a function returning the rank mean of a ``(k, n)`` matrix. Every
+        layer then takes the direct form and its per-task gradients, with the fallback and head rows, are
+        averaged over ranks in one call before the Gramian is formed, so the Gramian is the global batch's,
+        cross-rank terms included (our choice: the B-side form would need every rank's layer inputs).
         """
         if roots.dim() != 1:
             raise ValueError(f"expected a 1-d vector of task losses, got shape {tuple(roots.shape)}")
@@ -339,8 +349,13 @@ class GramianEngine:
         head_rows = grads[at:]
         with torch.no_grad():  # the saved layer inputs carry autograd history: record nothing
             gramian = roots.new_zeros((k, k), dtype=_F64)
+            if reduce_rows is not None:
+                fallback_rows, head_rows = _reduce(layers, fallback_rows, head_rows, k, reduce_rows)
             for layer in layers:
-                gramian = gramian + _layer_gramian(layer, k, self.form)
+                if layer.per_task is not None:
+                    gramian = gramian + _direct_gramian(layer.per_task, k)
+                else:
+                    gramian = gramian + _layer_gramian(layer, k, self.form)
             for rows in fallback_rows:
                 flat = rows.reshape(k, -1).to(_F64)
                 gramian = gramian + flat @ flat.T
@@ -456,6 +471,55 @@ class GramianEngine:
         return [torch.stack([row[j] for row in rows]) for j in range(len(inputs))]
 
 
+def _reduce(
+    layers: list[_Layer],
+    fallback_rows: list[Tensor],
+    head_rows: list[Tensor],
+    k: int,
+    reduce_rows: Callable[[Tensor], Tensor],
+) -> tuple[list[Tensor], list[Tensor]]:
+    """Every layer's per-task gradients (direct form), the fallback and the head rows, averaged over ranks in
+    one call of ``reduce_rows`` on a ``(k, n)`` matrix."""
+    for layer in layers:
+        layer.form = "direct"
+        layer.per_task = _direct_rows(layer, k)
+    pieces = [rows for layer in layers for rows in layer.per_task or []] + fallback_rows + head_rows
+    if not pieces:
+        return fallback_rows, head_rows
+    reduced = reduce_rows(torch.cat([p.reshape(k, -1) for p in pieces], dim=1))
+    split = [r.view_as(p) for r, p in zip(reduced.split([p[0].numel() for p in pieces], dim=1), pieces,
+                                           strict=True)]
+    at = 0
+    for layer in layers:
+        n = len(layer.per_task or [])
+        layer.per_task = split[at: at + n]
+        at += n
+    fallback = split[at: at + len(fallback_rows)]
+    at += len(fallback_rows)
+    return fallback, split[at:]
+
+
+def _direct_rows(layer: _Layer, k: int) -> list[Tensor]:
+    """Per-task gradients of the layer's (weight, bias), uses summed."""
+    group = layer.group
+    if group.kind == "conv":
+        return _conv_per_task(layer, k)
+    if group.kind == "linear":
+        x, delta = _rows(layer, k)
+        out: list[Tensor] = []
+        if group.weight is not None:
+            w_grads = torch.matmul(delta.transpose(1, 2), x)  # (k, O, I)
+            out.append(w_grads.transpose(1, 2) if _transposed(group) else w_grads)
+        if group.bias is not None:
+            out.append(delta.sum(dim=1))
+        return out
+    weight = group.weight
+    assert weight is not None
+    indices = torch.cat([i.reshape(-1) for i in layer.inputs])
+    delta = _mask_padding(layer, indices, torch.cat([d.reshape(k, -1, d.shape[-1]) for d in layer.deltas], 1))
+    return [delta.new_zeros((k, *weight.shape)).index_add_(1, indices, delta)]
+
+
 def _sync(like: Tensor) -> None:
     if like.device.type == "cuda":
         torch.cuda.synchronize(like.device)
@@ -517,17 +581,11 @@ def _layer_gramian(layer: _Layer, k: int, form: str = "auto") -> Tensor:
             summed = d64.sum(dim=1)  # bias only
             return summed @ summed.T
         layer.form = "direct"
-        per_task: list[Tensor] = []
-        if group.weight is not None:
-            w_grads = torch.matmul(delta.transpose(1, 2), x)  # (k, O, I)
-            per_task.append(w_grads.transpose(1, 2) if _transposed(group) else w_grads)
-        if group.bias is not None:
-            per_task.append(delta.sum(dim=1))
-        layer.per_task = per_task
-        return _direct_gramian(per_task, k)
+        layer.per_task = _direct_rows(layer, k)
+        return _direct_gramian(layer.per_task, k)
     if group.kind == "conv":
         layer.form = "direct"
-        layer.per_task = _conv_per_task(layer, k)
+        layer.per_task = _direct_rows(layer, k)
         return _direct_gramian(layer.per_task, k)
     # embedding
     indices = torch.cat([i.reshape(-1) for i in layer.inputs])
@@ -543,8 +601,7 @@ def _layer_gramian(layer: _Layer, k: int, form: str = "auto") -> Tensor:
         mixed = torch.matmul(same, d64)
         return d64.reshape(k, -1) @ mixed.reshape(k, -1).T
     layer.form = "direct"
-    grads = delta.new_zeros((k, *weight.shape)).index_add_(1, indices, delta)
-    layer.per_task = [grads]
+    layer.per_task = _direct_rows(layer, k)
     return _direct_gramian(layer.per_task, k)
 
 

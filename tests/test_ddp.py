@@ -4,7 +4,9 @@ One spawn of two ranks runs every scenario (starting processes is the slow part)
 same loop in a single process on the concatenated batch and compares. Covered: a loss-level method (EMA,
 with a DDP-wrapped model and with a plain module), a projection method (PCGrad, random: both sides seeded
 identically) and a solver method (MGDA, also at the feature level, MGDA-UB style). Gradient methods run on a
-plain module and on a DDP-wrapped model under ``no_sync()`` (see ``taskbalance.distributed``).
+plain module and on a DDP-wrapped model under ``no_sync()`` (see ``taskbalance.distributed``); parameter-level
+Gramian methods through the Gramian engine (the global Gramian, cross-rank terms included) and, for MGDA,
+through the Jacobian engine too.
 """
 
 from __future__ import annotations
@@ -40,7 +42,9 @@ SCENARIOS: dict[str, tuple[str, dict[str, Any], str, str]] = {
     "ema-plain": ("ema", {}, "parameters", "plain"),
     "pcgrad-plain": ("pcgrad", {"seed": 7}, "parameters", "plain"),
     "pcgrad-no_sync": ("pcgrad", {"seed": 7}, "parameters", "no_sync"),
-    "mgda-plain": ("mgda", {}, "parameters", "plain"),
+    "mgda-plain": ("mgda", {}, "parameters", "plain"),  # the Gramian engine (auto)
+    "mgda-jacobian": ("mgda", {"engine": "jacobian"}, "parameters", "plain"),
+    "upgrad-gramian-no_sync": ("upgrad", {"engine": "gramian"}, "parameters", "no_sync"),
     "mgda-no_sync": ("mgda", {}, "parameters", "no_sync"),
     "mgda-features": ("mgda", {}, "features", "plain"),
 }

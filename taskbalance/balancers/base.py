@@ -483,9 +483,7 @@ class GradientBalancer(Balancer):
         return self
 
     def _uses_gramian_engine(self) -> bool:
-        if self.gradients != "parameters" or self.needs != "gramian" or self.engine == "jacobian":
-            return False
-        return self.engine == "gramian" or self._reducer is None
+        return self.gradients == "parameters" and self.needs == "gramian" and self.engine != "jacobian"
 
     def _index_tensor(self, index: list[int], device: torch.device) -> Tensor:
         key = tuple(index)
@@ -575,7 +573,12 @@ class GradientBalancer(Balancer):
         if engine is None:
             engine = GramianEngine()
             object.__setattr__(self, "_gramian_engine", engine)
-        computed = engine.gramian(scaled_roots, shared)
+        reducer = self._reducer
+        reduce_rows = None
+        if reducer is not None:
+            def reduce_rows(rows: Tensor) -> Tensor:
+                return reducer.reduce_jacobian(rows, "parameters")
+        computed = engine.gramian(scaled_roots, shared, reduce_rows)
         gramian = computed.gramian
         scale = self._grad_scale
         if scale is not None:
