@@ -23,7 +23,7 @@ from taskbalance.bench.runner import (
     load_dataset,
 )
 from taskbalance.bench.store import ResultsStore
-from taskbalance.bench.study import Study, run_study, summarize
+from taskbalance.bench.study import Study, run_specs, summarize
 from taskbalance.bench.suites import get_suite, split_available
 from taskbalance.bench.table import render_summary
 from taskbalance.data import load
@@ -66,7 +66,7 @@ def test_tiny_aux_study_runs_end_to_end_and_scores_the_target_only(tmp_path: Pat
     study = tiny_aux_study()
     specs = study.specs()
     with ResultsStore(tmp_path) as store:
-        executed, skipped = run_study(specs, store, SerialExecutor())
+        executed, skipped = run_specs(specs, store, SerialExecutor())
         summary = summarize(store, specs, targets_only=study.targets_only)
         rows = store.runs()
     assert (executed, skipped) == (len(specs), 0) and not summary.failed

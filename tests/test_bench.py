@@ -9,7 +9,7 @@ import pytest
 from taskbalance.bench.executor import LocalProcessExecutor, SerialExecutor, make_executor
 from taskbalance.bench.runner import STL, RunSpec, execute, restrict_tasks
 from taskbalance.bench.store import ResultsStore
-from taskbalance.bench.study import Study, run_study, summarize
+from taskbalance.bench.study import Study, run_specs, summarize
 from taskbalance.bench.suites import SUITES, MethodEntry, get_suite, parse_methods, split_available
 from taskbalance.data.tiny import tiny_data
 from taskbalance.diagnostics import compare_study
@@ -63,11 +63,11 @@ def test_a_failing_run_is_recorded_not_raised_and_retried_next_time(tmp_path: Pa
     bad = RunSpec("tiny", "ema", 0, {"beta": 7.0}, arch="tiny", train=TRAIN.to_dict())
     good = RunSpec("tiny", "ew", 0, arch="tiny", train=TRAIN.to_dict())
     with ResultsStore(tmp_path) as store:
-        assert run_study([bad, good], store, SerialExecutor()) == (2, 0)
+        assert run_specs([bad, good], store, SerialExecutor()) == (2, 0)
         rows = {r["method"]: r for r in store.runs()}
         assert rows["ema"]["status"] == "failed" and "beta must be in [0, 1)" in rows["ema"]["error"]
         assert rows["ew"]["status"] == "done"
-        assert run_study([bad, good], store, SerialExecutor()) == (1, 1)
+        assert run_specs([bad, good], store, SerialExecutor()) == (1, 1)
         assert store.runs(status="failed")[0]["attempts"] == 2
 
 
@@ -75,7 +75,7 @@ def test_summary_matches_the_transfer_statistics_of_the_stored_runs(tmp_path: Pa
     s = study()
     specs = s.specs()
     with ResultsStore(tmp_path) as store:
-        executed, skipped = run_study(specs, store, SerialExecutor())
+        executed, skipped = run_specs(specs, store, SerialExecutor())
         assert (executed, skipped) == (len(specs), 0)
         summary = summarize(store, specs)
         rows = store.runs(status="done")
@@ -107,7 +107,7 @@ def test_without_baselines_there_is_no_delta_m(tmp_path: Path):
     s = study(seeds=(0,))
     s.baselines = False
     with ResultsStore(tmp_path) as store:
-        run_study(s.specs(), store, SerialExecutor())
+        run_specs(s.specs(), store, SerialExecutor())
         summary = summarize(store, s.specs())
     assert summary.baseline is None
     assert all(m.transfer is None for m in summary.methods)

@@ -37,8 +37,8 @@ def test_unknown_dataset_and_suite_are_errors():
     assert result.exit_code == 2 and "unknown suite 'huge'" in result.output
     result = invoke("bench")
     assert result.exit_code == 2 and "give a dataset" in result.output
-    result = invoke("bench", "--suite", "quick", "--dataset", "tiny")
-    assert result.exit_code == 2 and "either --suite or --dataset" in result.output
+    result = invoke("bench", "--suite", "quick", "--study", "x.toml")
+    assert result.exit_code == 2 and "either --suite or --study" in result.output
 
 
 def test_bad_target_specs_are_errors(tmp_path: Path):

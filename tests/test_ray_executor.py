@@ -21,7 +21,7 @@ from taskbalance.bench.executor import SerialExecutor, make_executor  # noqa: E4
 from taskbalance.bench.ray_executor import RayExecutor  # noqa: E402
 from taskbalance.bench.runner import RunResult, RunSpec  # noqa: E402
 from taskbalance.bench.store import ResultsStore  # noqa: E402
-from taskbalance.bench.study import Study, run_study  # noqa: E402
+from taskbalance.bench.study import Study, run_specs  # noqa: E402
 from taskbalance.bench.suites import get_suite  # noqa: E402
 from taskbalance.data.tiny import tiny_data  # noqa: E402
 
@@ -85,7 +85,7 @@ def executor():
 @pytest.fixture(scope="module")
 def serial_rows(tmp_path_factory):
     store = ResultsStore(tmp_path_factory.mktemp("serial"))
-    run_study(quick_specs(), store, SerialExecutor())
+    run_specs(quick_specs(), store, SerialExecutor())
     yield {row_key(r): r for r in store.runs()}
     store.close()
 
@@ -167,13 +167,13 @@ def test_local_ray_is_private_and_listens_on_the_loopback_interface_only(executo
 def test_quick_study_on_ray_gives_the_serial_rows(executor, serial_rows, tmp_path: Path):
     specs = quick_specs()
     with ResultsStore(tmp_path) as store:
-        assert run_study(specs, store, executor) == (len(specs), 0)
+        assert run_specs(specs, store, executor) == (len(specs), 0)
         rows = {row_key(r): r for r in store.runs()}
         assert rows.keys() == serial_rows.keys()
         for key, row in rows.items():
             assert {c: row[c] for c in COMPARED} == {c: serial_rows[key][c] for c in COMPARED}, key
         # the driver wrote every run once; a second pass has nothing left to do
-        assert run_study(specs, store, executor) == (0, len(specs))
+        assert run_specs(specs, store, executor) == (0, len(specs))
         assert len(store.runs()) == len(specs)
 
 
@@ -188,10 +188,10 @@ def test_interrupted_study_resumes_without_duplicates(executor, serial_rows, tmp
 
     with ResultsStore(tmp_path) as store:
         with pytest.raises(Interrupted):
-            run_study(specs, store, executor, on_result=stop_after_first)
+            run_specs(specs, store, executor, on_result=stop_after_first)
         assert len(store.runs(status="done")) == 1
         assert len(store.runs(status="running")) == len(specs) - 1
-        assert run_study(specs, store, executor) == (len(specs) - 1, 1)
+        assert run_specs(specs, store, executor) == (len(specs) - 1, 1)
         rows = store.runs()
     assert len(rows) == len(specs) == len({row_key(r) for r in rows})
     assert all(r["status"] == "done" for r in rows)

@@ -33,6 +33,8 @@ class RunSpec:
         checkpoint_dir: if set, the run checkpoints there every epoch and resumes after an interruption.
         data_fingerprint: e.g. the SHA-256 of a user's table file, so that changed data never mixes with old
             results under the same protocol hash.
+        task_options: per task, ``{"role": ..., "metric": ...}`` overrides of the loaded dataset's tasks
+            (:func:`taskbalance.bench.runner.apply_task_options`); part of the protocol when given.
     """
 
     dataset: str
@@ -46,6 +48,7 @@ class RunSpec:
     train: dict[str, Any] = field(default_factory=lambda: TrainConfig().to_dict())
     checkpoint_dir: str | None = None
     data_fingerprint: str = ""
+    task_options: dict[str, dict[str, str]] = field(default_factory=dict)
 
     @property
     def display(self) -> str:
@@ -61,6 +64,7 @@ class RunSpec:
             "model_options": self.model_options,
             "train": self.train,
             "data_fingerprint": self.data_fingerprint,
+            **({"task_options": self.task_options} if self.task_options else {}),
         }
 
     @property

@@ -28,7 +28,7 @@ from .spec import RunResult, RunSpec
 from .store import ResultsStore, RunRecord
 from .suites import MethodEntry, Suite
 
-__all__ = ["Study", "run_study", "summarize", "StudySummary", "MethodSummary", "TaskInfo"]
+__all__ = ["Study", "run_specs", "summarize", "StudySummary", "MethodSummary", "TaskInfo"]
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,7 @@ class Study:
     targets_only: bool = True
     checkpoint_dir: str | None = None
     data_fingerprint: str = ""
+    task_options: dict[str, dict[str, str]] = field(default_factory=dict)
 
     @classmethod
     def from_suite(cls, suite: Suite, tasks: Sequence[Any], **overrides: Any) -> Study:
@@ -72,6 +73,7 @@ class Study:
             "model_options": dict(suite.model_options),
             "train": suite.train,
             "baselines": suite.baselines,
+            "task_options": dict(suite.task_options),
         }
         values.update(overrides)
         return cls(**values)
@@ -89,6 +91,7 @@ class Study:
             train=self.train.to_dict(),
             checkpoint_dir=self.checkpoint_dir,
             data_fingerprint=self.data_fingerprint,
+            task_options=self.task_options,
         )
 
     def specs(self) -> list[RunSpec]:
@@ -107,7 +110,7 @@ def task_info(task: Any) -> TaskInfo:
     return TaskInfo(task.name, task.metric, bool(task.higher_is_better), task.role, getattr(task, "unit", ""))
 
 
-def run_study(
+def run_specs(
     specs: Sequence[RunSpec],
     store: ResultsStore,
     executor: Executor,

@@ -1,4 +1,8 @@
-"""Named benchmark suites: a dataset under a fixed protocol, a list of method variants, a number of seeds.
+"""Named benchmark suites: study files shipped in the package (``taskbalance/bench/studies/*.toml``).
+
+A suite is a study (:class:`Suite`: a dataset under a fixed protocol, method variants, seeds); the built-in
+ones are TOML study files read like any user's (:mod:`taskbalance.bench.study_file`), and
+``taskbalance bench --suite demo --print-study`` prints one to copy.
 
 * ``demo`` — QM9, the data helper's reduced protocol (a seeded random 20,000-molecule subset, 80/10/10 split,
   Coulomb-matrix-eigenvalue descriptor, standardised targets, MAE in the published units), the ``qm9`` MLP,
@@ -44,6 +48,7 @@ see :func:`split_available`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from importlib import resources
 from typing import Any
 
 from ..train.config import TrainConfig
@@ -53,7 +58,7 @@ __all__ = ["MethodEntry", "Suite", "SUITES", "get_suite", "split_available", "pa
 
 @dataclass(frozen=True)
 class MethodEntry:
-    """A method variant: display label, registry name, hyperparameters."""
+    """A method variant: display label, registry name (or run kind's method name), hyperparameters."""
 
     label: str
     method: str
@@ -62,7 +67,11 @@ class MethodEntry:
 
 @dataclass(frozen=True)
 class Suite:
-    """A study protocol; see the module docstring."""
+    """A study definition (what a study file holds); see :mod:`taskbalance.bench.study_file`.
+
+    ``task_options`` maps a task name to ``{"role": "target"|"auxiliary", "metric": primary metric}``
+    overrides applied to the loaded dataset; ``executor``/``workers`` say where runs execute.
+    """
 
     name: str
     description: str
@@ -74,6 +83,9 @@ class Suite:
     model_options: dict[str, Any] = field(default_factory=dict)
     train: TrainConfig = field(default_factory=TrainConfig)
     baselines: bool = True
+    task_options: dict[str, dict[str, str]] = field(default_factory=dict)
+    executor: str = "local"
+    workers: int | None = None
 
 
 NASH_MTL_QM9_SINGLE_TASK_MAE: dict[str, float] = {
@@ -81,80 +93,19 @@ NASH_MTL_QM9_SINGLE_TASK_MAE: dict[str, float] = {
     "u0": 58.838, "u": 64.244, "h": 63.852, "g": 66.223, "cv": 0.07212,
 }
 """Single-task test MAEs of Nash-MTL's QM9 code (``experiments/quantum_chemistry/utils.py``, ``BASE``;
-energies in meV): the reference of its Δm, used for model selection on validation Δm."""
+energies in meV): the reference of its Δm, used by ``qm9-paper`` for model selection on validation Δm (the
+study file ``studies/qm9-paper.toml`` holds the same values; a test checks they agree)."""
 
 
-def _entries(*names: str) -> tuple[MethodEntry, ...]:
-    return tuple(MethodEntry(n, n) for n in names)
+def _builtin() -> dict[str, Suite]:
+    from .study_file import study_from_text
 
-
-def _auxiliary_entries(target: str) -> tuple[MethodEntry, ...]:
-    """EW, then the role-aware methods told which task is the target."""
-    return (
-        MethodEntry("ew", "ew"),
-        *(MethodEntry(name, name, {"main": target}) for name in ("gcs", "ol-aux", "hydalearn", "forkmerge")),
-    )
-
-
-SUITES: dict[str, Suite] = {
-    "demo": Suite(
-        name="demo",
-        description="QM9 reduced protocol (20k molecules, 20 epochs), STL baselines + 10 methods, 2 seeds",
-        dataset="qm9",
-        dataset_options={"subset": 20000},
-        arch="qm9",
-        train=TrainConfig(epochs=20, batch_size=256, lr=1e-3, scheduler="cosine"),
-        methods=_entries(
-            "ew", "uw", "dwa", "ema", "bmtl", "famo", "pcgrad", "mgda-ub", "nash-mtl", "tensioners"
-        ),
-        seeds=2,
-    ),
-    "quick": Suite(
-        name="quick",
-        description="tiny synthetic problem (3 tasks), 3 epochs, 4 methods, 2 seeds: seconds",
-        dataset="tiny",
-        arch="tiny",
-        train=TrainConfig(epochs=3, batch_size=32, lr=1e-2, eval_batch_size=256),
-        methods=_entries("ew", "ema", "uw", "pcgrad"),
-        seeds=2,
-    ),
-    "aux": Suite(
-        name="aux",
-        description="synthetic_aux (target, helpful + noise auxiliaries), 16 epochs, target-only Δm, 3 seeds",
-        dataset="synthetic_aux",
-        dataset_options={"n": 2000},
-        arch="mlp",
-        model_options={"hidden": [32, 32], "act": "tanh"},
-        train=TrainConfig(epochs=16, batch_size=64, lr=3e-3, scheduler="cosine"),
-        methods=_auxiliary_entries("target"),
-        seeds=3,
-    ),
-    "aux-qm9": Suite(
-        name="aux-qm9",
-        description="QM9 reduced protocol, ZPVE target + 10 auxiliaries, 10 epochs, target-only Δm, 3 seeds",
-        dataset="qm9",
-        dataset_options={"subset": 20000, "target": "zpve"},
-        arch="qm9",
-        train=TrainConfig(epochs=10, batch_size=256, lr=1e-3, scheduler="cosine"),
-        methods=_auxiliary_entries("zpve"),
-        seeds=3,
-    ),
-    "qm9-paper": Suite(
-        name="qm9-paper",
-        description="QM9 published protocol (graphs, MPNN, 300 epochs: for a GPU), STL + 10 methods, 3 seeds",
-        dataset="qm9_graph",
-        arch="mpnn",
-        train=TrainConfig(
-            epochs=300, batch_size=120, lr=1e-3, scheduler="plateau", plateau_factor=0.7, plateau_patience=5,
-            min_lr=1e-5, balancer_lr=0.025, eval_batch_size=120,
-            selection_reference=NASH_MTL_QM9_SINGLE_TASK_MAE,
-        ),
-        methods=_entries(
-            "ew", "uw", "dwa", "rlw", "mgda", "pcgrad", "cagrad", "imtl-g", "nash-mtl", "famo"
-        ),
-        seeds=3,
-    ),
-}
+    folder = resources.files("taskbalance.bench") / "studies"
+    out: dict[str, Suite] = {}
+    for name in ("demo", "quick", "aux", "aux-qm9", "qm9-paper"):
+        text = (folder / f"{name}.toml").read_text(encoding="utf-8")
+        out[name] = study_from_text(text, f"built-in suite {name!r}")
+    return out
 
 
 def get_suite(name: str) -> Suite:
@@ -164,21 +115,47 @@ def get_suite(name: str) -> Suite:
     return SUITES[name]
 
 
+def suite_text(name: str) -> str:
+    """The shipped study file of the built-in suite ``name`` (comments included)."""
+    get_suite(name)
+    return (resources.files("taskbalance.bench") / "studies" / f"{name}.toml").read_text(encoding="utf-8")
+
+
 def parse_methods(text: str) -> tuple[MethodEntry, ...]:
-    """``"ew,ema,mgda-ub"`` → entries (labels = names). Empty items are ignored; duplicates raise."""
-    names = [part.strip().lower() for part in text.split(",") if part.strip()]
-    if not names:
-        raise ValueError("no method given; pass e.g. --methods ew,ema,pcgrad (see `taskbalance methods`)")
-    duplicates = sorted({n for n in names if names.count(n) > 1})
+    """``--methods`` text → entries, grids expanded (:mod:`taskbalance.bench.method_text`).
+
+    Raises ``ValueError`` on malformed text and on a label given twice.
+    """
+    from .method_text import expand_grid, parse_method_text, variant_label
+
+    entries: list[MethodEntry] = []
+    for label, name, options in parse_method_text(text):
+        for hyperparameters, point in expand_grid(options):
+            if label is None:
+                shown = variant_label(name, hyperparameters)
+            else:
+                shown = variant_label(label, point)
+            entries.append(MethodEntry(shown, name, hyperparameters))
+    return check_labels(entries)
+
+
+def check_labels(entries: list[MethodEntry]) -> tuple[MethodEntry, ...]:
+    """The entries, or ``ValueError`` naming labels given twice."""
+    labels = [e.label for e in entries]
+    duplicates = sorted({n for n in labels if labels.count(n) > 1})
     if duplicates:
         raise ValueError(f"method(s) listed twice: {', '.join(duplicates)}")
-    return _entries(*names)
+    return tuple(entries)
 
 
 def split_available(entries: tuple[MethodEntry, ...]) -> tuple[list[MethodEntry], list[MethodEntry]]:
-    """``(runnable, not runnable)`` entries: registered balancers and the runner's own run kinds
+    """``(runnable, not runnable)`` entries: registered balancers and the listable run kinds
     (``forkmerge``) are runnable."""
     from .kinds import listable_methods
 
     known = set(listable_methods())
     return [e for e in entries if e.method in known], [e for e in entries if e.method not in known]
+
+
+SUITES: dict[str, Suite] = _builtin()
+"""The built-in suites, read from the shipped study files (after the definitions they use)."""

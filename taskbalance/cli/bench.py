@@ -1,8 +1,8 @@
-"""``taskbalance bench``: plan a study, run it, print its summary and write its report."""
+"""``taskbalance bench``: a study (a study file, a built-in suite, or flags; every flag overrides a study
+field), validated before any run starts, run, summarised and reported."""
 
 from __future__ import annotations
 
-import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
@@ -10,19 +10,79 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from .common import check_methods, dataset_source, fail, load_data, make_console, split_features
+from .common import check_methods, dataset_source, fail, make_console, parse_hyperparameters, split_features
+
+_TRAIN_FLAGS = ("epochs", "batch_size", "lr", "scheduler", "optimizer", "balancer_lr", "weight_decay")
+
+
+def _pairs(items: list[str] | None, flag: str, example: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            fail(f"{flag} {item!r} must be task=value, e.g. {flag} {example}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _base_study(suite: str | None, study: Path | None) -> Any:
+    from ..bench.study_file import StudyFileError, load_study
+    from ..bench.suites import get_suite
+
+    if suite is not None and study is not None:
+        fail("give either --suite or --study, not both")
+    if study is not None:
+        try:
+            return load_study(study)
+        except StudyFileError as error:
+            fail(str(error))
+    if suite is not None:
+        try:
+            return get_suite(suite)
+        except KeyError as error:
+            fail(str(error.args[0]))
+    return None
 
 
 def bench_command(
+    study: Annotated[Path | None, typer.Option(help="a TOML study file (see --print-study)")] = None,
     suite: Annotated[
-        str | None, typer.Option(help="a named suite: demo, quick, aux, aux-qm9, qm9-paper")
+        str | None, typer.Option(help="a built-in study: demo, quick, aux, aux-qm9, qm9-paper")
     ] = None,
-    dataset: Annotated[str | None, typer.Option(help="a built-in dataset (instead of --suite)")] = None,
-    methods: Annotated[str | None, typer.Option(help="comma-separated methods, e.g. ew,ema,pcgrad")] = None,
+    print_study: Annotated[
+        bool, typer.Option("--print-study", help="print the study (after overrides) as TOML and exit")
+    ] = False,
+    name: Annotated[str | None, typer.Option(help="the study's name (default output runs/<name>)")] = None,
+    dataset: Annotated[str | None, typer.Option(help="a registered dataset")] = None,
+    csv: Annotated[Path | None, typer.Option(help="your own CSV/Parquet table")] = None,
+    target: Annotated[list[str] | None, typer.Option(help="column:kind of a --csv target (repeat)")] = None,
+    features: Annotated[
+        list[str] | None, typer.Option(help="feature columns of --csv (comma-separated)")
+    ] = None,
+    role: Annotated[
+        list[str] | None, typer.Option(help="task role, task=target|auxiliary (repeat)")
+    ] = None,
+    metric: Annotated[list[str] | None, typer.Option(help="primary metric, task=metric (repeat)")] = None,
+    methods: Annotated[
+        str | None,
+        typer.Option(help='methods, variants, grids: "ew,hot=bmtl(temperature=5),bmtl(temperature=[1,5])"'),
+    ] = None,
     seeds: Annotated[int | None, typer.Option(min=1, help="number of seeds (0..N-1)")] = None,
-    epochs: Annotated[int | None, typer.Option(min=1, help="override the suite's epochs")] = None,
     subset: Annotated[
         int | None, typer.Option(min=3, help="a seeded random subset of N samples (qm9, qm9_graph)")
+    ] = None,
+    epochs: Annotated[int | None, typer.Option(help="training epochs")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="training batch size")] = None,
+    lr: Annotated[float | None, typer.Option(help="learning rate")] = None,
+    scheduler: Annotated[str | None, typer.Option(help="none, cosine or plateau")] = None,
+    optimizer: Annotated[str | None, typer.Option(help="adam, adamw or sgd")] = None,
+    balancer_lr: Annotated[
+        float | None, typer.Option(help="learning rate of the balancer's own parameters")
+    ] = None,
+    weight_decay: Annotated[float | None, typer.Option(help="weight decay")] = None,
+    arch: Annotated[str | None, typer.Option(help="model architecture (build_model)")] = None,
+    model_option: Annotated[
+        list[str] | None, typer.Option(help="model option key=value (JSON; repeat), e.g. hidden=[64,64]")
     ] = None,
     out: Annotated[
         Path | None, typer.Option(help="study directory (results.sqlite); default runs/<name>")
@@ -32,18 +92,15 @@ def bench_command(
         typer.Option(min=1, help="processes, or a local Ray's CPUs (default: all cores; 1 = serial)"),
     ] = None,
     executor: Annotated[
-        str, typer.Option(help="where runs execute: local (processes), serial (this process), ray")
-    ] = "local",
+        str | None, typer.Option(help="where runs execute: local (processes), serial (this process), ray")
+    ] = None,
     ray_address: Annotated[
         str | None,
         typer.Option(help="with --executor ray: auto or HOST:PORT of a cluster (default: a local Ray)"),
     ] = None,
-    csv: Annotated[Path | None, typer.Option(help="your own CSV/Parquet table")] = None,
-    target: Annotated[list[str] | None, typer.Option(help="column:kind of a --csv target (repeat)")] = None,
-    features: Annotated[
-        list[str] | None, typer.Option(help="feature columns of --csv (comma-separated)")
+    baselines: Annotated[
+        bool | None, typer.Option("--baselines/--no-baselines", help="train single-task baselines (for Δm)")
     ] = None,
-    baselines: Annotated[bool, typer.Option(help="train single-task baselines (needed for Δm)")] = True,
     report: Annotated[
         bool, typer.Option(help="write DIR/report.md, DIR/report.html and DIR/plots/ at the end")
     ] = True,
@@ -52,67 +109,76 @@ def bench_command(
 
     Finished runs in --out are never re-run: run the same command again to complete an interrupted study.
     """
+    from ..bench.driver import StudyError, run_study
     from ..bench.executor import make_executor
-    from ..bench.store import ResultsStore
-    from ..bench.study import Study, run_study, summarize
-    from ..bench.suites import Suite, get_suite, split_available
-    from ..bench.table import render_summary
-    from ..diagnostics.conclusion import conclusion
+    from ..bench.study_file import study_to_toml
+    from ..bench.suites import SUITES, Suite
+    from ..train.config import TrainConfig
 
+    base = _base_study(suite, study)
+    fingerprint = ""
+    if dataset is not None or csv is not None or base is None:
+        source, options, fingerprint = dataset_source(dataset, csv, target or [], split_features(features))
+        if base is None:
+            base = Suite(
+                name=source,
+                description=f"{source} with the default protocol",
+                dataset=source,
+                methods=SUITES["demo"].methods,
+            )
+        base = replace(base, dataset=source, dataset_options=options)
+    elif target or features:
+        fail("--target and --features describe a --csv table; give --csv PATH too")
+    chosen: Any = base
+    task_options = {task: dict(values) for task, values in chosen.task_options.items()}
+    for task, value in _pairs(role, "--role", "sold=auxiliary").items():
+        if value not in ("target", "auxiliary"):
+            fail(f"--role {task}={value}: the role must be target or auxiliary")
+        task_options.setdefault(task, {})["role"] = value
+    for task, value in _pairs(metric, "--metric", "price=rmse").items():
+        task_options.setdefault(task, {})["metric"] = value
+    flags = {
+        "epochs": epochs, "batch_size": batch_size, "lr": lr, "scheduler": scheduler, "optimizer": optimizer,
+        "balancer_lr": balancer_lr, "weight_decay": weight_decay,
+    }
+    try:
+        train = TrainConfig.from_dict(
+            {**chosen.train.to_dict(), **{k: v for k, v in flags.items() if v is not None}}
+        )
+    except (TypeError, ValueError) as error:
+        fail(str(error))
+    overrides: dict[str, Any] = {"train": train, "task_options": task_options}
+    flagged: tuple[tuple[str, Any], ...] = (
+        ("name", name), ("seeds", seeds), ("arch", arch), ("baselines", baselines), ("executor", executor),
+        ("workers", workers),
+    )
+    for field_name, value in flagged:
+        if value is not None:
+            overrides[field_name] = value
+    if methods is not None:
+        overrides["methods"] = check_methods(methods)
+    if subset is not None:
+        overrides["dataset_options"] = {**chosen.dataset_options, "subset": subset}
+    if model_option:
+        overrides["model_options"] = {**chosen.model_options, **parse_hyperparameters(model_option)}
+    chosen = replace(chosen, **overrides)
+    if print_study:
+        typer.echo(study_to_toml(chosen), nl=False)
+        return
     console, log = make_console(), make_console(stderr=True)
     try:
-        runner = make_executor(workers, executor, ray_address=ray_address)
+        runner = make_executor(chosen.workers, chosen.executor, ray_address=ray_address)
     except (ValueError, ImportError) as error:
         fail(str(error))
-    fingerprint = ""
-    if suite is not None:
-        if dataset is not None or csv is not None:
-            fail("--suite fixes the dataset; give either --suite or --dataset/--csv")
-        if target or features:
-            fail("--target and --features describe a --csv table; give --csv PATH too")
-        try:
-            chosen = get_suite(suite)
-        except KeyError as error:
-            fail(str(error.args[0]))
-    else:
-        name, options, fingerprint = dataset_source(dataset, csv, target or [], split_features(features))
-        from ..bench.suites import SUITES
+    directory = out if out is not None else Path("runs") / chosen.name
 
-        chosen = Suite(
-            name=name,
-            description=f"{name} with the default protocol",
-            dataset=name,
-            dataset_options=options,
-            arch="auto",
-            methods=SUITES["demo"].methods,
-        )
-    entries = check_methods(methods) if methods is not None else chosen.methods
-    runnable, missing = split_available(tuple(entries))
-    if missing:
+    def started(planned: Any, store: Any) -> None:
         log.print(
-            f"[yellow]Not run — not registered in this version of taskbalance:[/yellow] "
-            f"{', '.join(e.label for e in missing)}",
+            f"Study {chosen.name!r}: {len(planned.specs())} runs ({len(planned.methods)} methods"
+            f"{' + single-task baselines' if planned.baselines else ''}, {len(planned.seeds)} seeds) "
+            f"→ {store.path}",
             highlight=False,
         )
-    if not runnable:
-        fail("none of the requested methods is registered; see `taskbalance methods`")
-    train = replace(chosen.train, epochs=epochs) if epochs is not None else chosen.train
-    if subset is not None:
-        chosen = replace(chosen, dataset_options={**chosen.dataset_options, "subset": subset})
-    data = load_data(chosen.dataset, chosen.dataset_options)
-    directory = out if out is not None else Path("runs") / chosen.name
-    study = Study.from_suite(
-        chosen,
-        data.tasks,
-        methods=runnable,
-        train=train,
-        baselines=baselines,
-        seeds=list(range(seeds if seeds is not None else chosen.seeds)),
-        checkpoint_dir=str(directory.resolve() / "checkpoints"),  # absolute: Ray workers may run elsewhere
-        data_fingerprint=fingerprint,
-    )
-    specs = study.specs()
-    started = time.perf_counter()
 
     def progress(result: Any, i: int, n: int) -> None:
         status = "done" if result.status == "done" else "[red]FAILED[/red]"
@@ -122,33 +188,44 @@ def bench_command(
             highlight=False,
         )
 
-    with ResultsStore(directory) as store:
+    try:
+        outcome = run_study(
+            chosen, directory, executor=runner, data_fingerprint=fingerprint, on_start=started,
+            on_result=progress,
+        )
+    except StudyError as error:
+        fail(str(error))
+    _finish(outcome, directory, console, log, report)
+
+
+def _finish(outcome: Any, directory: Path, console: Console, log: Console, report: bool) -> None:
+    from ..bench.table import render_summary
+    from ..diagnostics.conclusion import conclusion
+
+    if outcome.missing:
         log.print(
-            f"Study {chosen.name!r}: {len(specs)} runs ({len(runnable)} methods"
-            f"{' + single-task baselines' if baselines else ''}, {len(study.seeds)} seeds) → {store.path}",
+            f"[yellow]Not run — not registered in this version of taskbalance:[/yellow] "
+            f"{', '.join(e.label for e in outcome.missing)}",
             highlight=False,
         )
-        try:
-            executed, skipped = run_study(specs, store, runner, on_result=progress)
-        except ValueError as error:
-            fail(str(error))
-        summary = summarize(store, specs, targets_only=study.targets_only)
-    wall = time.perf_counter() - started
     render_summary(
-        summary,
+        outcome.summary,
         console,
-        title=f"{chosen.name}: test metrics of the validation-selected epoch (mean ± std over seeds)",
+        title=f"{outcome.suite.name}: test metrics of the validation-selected epoch (mean ± std over seeds)",
     )
-    if missing:
-        console.print(f"Not run (not registered in this version): {', '.join(e.label for e in missing)}")
+    if outcome.missing:
+        console.print(
+            f"Not run (not registered in this version): {', '.join(e.label for e in outcome.missing)}"
+        )
     console.print(
-        f"{executed} run(s) executed, {skipped} already done; wall time {wall:.1f} s; "
-        f"results in {directory / 'results.sqlite'}"
+        f"{outcome.executed} run(s) executed, {outcome.skipped} already done; wall time "
+        f"{outcome.wall_seconds:.1f} s; results in {directory / 'results.sqlite'}"
     )
     if report:
-        _write_report(directory, specs, console)
-    console.print(conclusion(summary), highlight=False, markup=False, soft_wrap=True)  # last: what to act on
-    if summary.failed:
+        _write_report(directory, outcome.specs, console)
+    # last: what to act on
+    console.print(conclusion(outcome.summary), highlight=False, markup=False, soft_wrap=True)
+    if outcome.summary.failed:
         raise typer.Exit(code=1)
 
 
