@@ -327,9 +327,14 @@ class GramianEngine:
         """
         if roots.dim() != 1:
             raise ValueError(f"expected a 1-d vector of task losses, got shape {tuple(roots.shape)}")
+        partial = self.last_layers is not None
+        if partial and reduce_rows is not None:
+            raise ValueError(
+                "the partial Gramian (last_layers=) is not available under data parallelism; "
+                "use the exact Gramian engine (last_layers=None)"
+            )
         plan = _read_graph(roots, shared)
         groups = plan.groups
-        partial = self.last_layers is not None
         if partial:
             groups = groups[: self.last_layers]
         layers = [_Layer(g, [_saved_input(u) for u in g.uses]) for g in groups]

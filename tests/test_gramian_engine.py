@@ -242,3 +242,53 @@ def test_engine_override_is_checked():
     with pytest.raises(ValueError, match="engine must be"):
         taskbalance.make("mgda", TASKS, engine="fast")
     assert taskbalance.make("mgda", TASKS, engine="jacobian").engine == "jacobian"
+
+
+# ------------------------------------------------------------------------- partial Gramian (approximation)
+def test_partial_gramian_weights_come_from_the_last_layers_and_update_every_layer():
+    model = make_model("mlp", torch.float64)
+    x, y = make_batch("mlp", torch.float64, seed=2)
+    shared = shared_of(model)
+    last = [model.l3.weight, model.l3.bias]  # l3 is the last shared layer (called twice)
+    roots = torch.stack(list(losses_of(model, x, y).values()))
+    jacobian = parameter_jacobian(roots, shared)
+    last_jacobian = parameter_jacobian(roots, last)
+    reference = taskbalance.make("mgda", TASKS)
+    from taskbalance.balancers.base import GradientStep
+
+    weights = reference.aggregate(GradientStep.of(last_jacobian)).weights
+    expected = weights @ jacobian
+
+    balancer = taskbalance.make("mgda", TASKS).set_engine("gramian", last_layers=1)
+    model.zero_grad(set_to_none=True)
+    record = balancer.backward(losses_of(model, x, y), shared=shared)
+    torch.testing.assert_close(record.weights, weights, rtol=1e-10, atol=1e-12)
+    got = torch.cat([p.grad.reshape(-1) for p in shared])
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    for head, w in zip(model.heads, weights, strict=True):  # heads: their own task's gradient, weighted
+        assert head.weight.grad is not None and float(w) > 0
+
+
+def test_partial_gramian_over_every_layer_is_the_exact_step():
+    model = make_model("mlp", torch.float64)
+    twin = copy.deepcopy(model)
+    x, y = make_batch("mlp", torch.float64, seed=3)
+    exact = taskbalance.make("upgrad", TASKS, engine="jacobian")
+    partial = taskbalance.make("upgrad", TASKS).set_engine("gramian", last_layers=10)
+    record_exact = exact.backward(losses_of(model, x, y), shared=shared_of(model))
+    record_partial = partial.backward(losses_of(twin, x, y), shared=shared_of(twin))
+    torch.testing.assert_close(record_partial.weights, record_exact.weights, rtol=1e-10, atol=1e-12)
+    for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_partial_gramian_is_refused_where_it_cannot_apply():
+    with pytest.raises(ValueError, match="positive"):
+        GramianEngine(last_layers=0)
+    with pytest.raises(ValueError, match="Gramian engine"):
+        taskbalance.make("mgda", TASKS).set_engine("jacobian", last_layers=2)
+    model = make_model("mlp", torch.float64)
+    x, y = make_batch("mlp", torch.float64, seed=0)
+    roots = torch.stack(list(losses_of(model, x, y).values()))
+    with pytest.raises(ValueError, match="data parallelism"):
+        GramianEngine(last_layers=1).gramian(roots, shared_of(model), lambda rows: rows)
