@@ -25,6 +25,9 @@ SHORT_RUN = {"stch": {"warmup_epoch": 1}}
 # Methods (and settings) whose objective is Σ_k sg(w_k) L_k: constant weights, no gradient through them.
 LINEAR = {"ew": {}, "ema": {}, "dwa": {}, "rlw": {}, "bmtl": {"mode": "normalized"}}
 STEPS_PER_EPOCH = 2
+# Preference scalarisations whose effective weights ∂total/∂L_k are negative by definition for a task that is
+# ahead of its preferred share (PBI's distance to the ray, COSMOS's cosine term); their sign is tested there.
+SIGNED_WEIGHTS = {"pbi", "cosmos"}
 
 
 def make(name: str, **extra):
@@ -143,7 +146,8 @@ def test_missing_task_gets_zero_weight_and_keeps_its_state(name):
     assert record.skipped == {"b": "missing"}
     assert record.weight("b") == 0
     assert record.present.tolist() == [True, False, True]
-    assert bool(torch.isfinite(record.weights).all()) and bool((record.weights[[0, 2]] > 0).all())
+    assert bool(torch.isfinite(record.weights).all())
+    assert name in SIGNED_WEIGHTS or bool((record.weights[[0, 2]] > 0).all())
     after = task_slices(balancer.state_dict(), TASKS.index("b"))
     for key in before:
         assert torch.equal(after[key], before[key]), f"{name}: {key} changed for the missing task"
@@ -241,7 +245,8 @@ def test_weights_are_the_finite_non_negative_derivatives_of_the_objective(name, 
         if i % 2 == 1:
             balancer.end_epoch()
         weights = record.weights
-        assert bool(torch.isfinite(weights).all()) and bool((weights >= 0).all())
+        assert bool(torch.isfinite(weights).all())
+        assert name in SIGNED_WEIGHTS or bool((weights >= 0).all())
         for k, task in enumerate(TASKS):
             if task in losses:
                 torch.testing.assert_close(losses[task].grad, weights[k], rtol=1e-5, atol=1e-7)
