@@ -223,10 +223,21 @@ def _finish(outcome: Any, directory: Path, console: Console, log: Console, repor
     )
     if report:
         _write_report(directory, outcome.specs, console)
+    _print_published(outcome.specs, outcome.summary, console)
     # last: what to act on
     console.print(conclusion(outcome.summary), highlight=False, markup=False, soft_wrap=True)
     if outcome.summary.failed:
         raise typer.Exit(code=1)
+
+
+def _print_published(specs: Any, summary: Any, console: Console) -> None:
+    """One line: Spearman ρ against the published Δm, for a study under a published protocol."""
+    from ..report.published import published_line
+
+    ours = {m.label: m.transfer.delta_m for m in summary.methods if m.transfer is not None}
+    line = published_line(specs[0].protocol if specs else None, ours)
+    if line is not None:
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
 
 
 def _write_report(directory: Path, specs: Any, console: Console) -> None:

@@ -37,6 +37,7 @@ from .plots import (
     plot_transfer_heatmap,
     plot_weight_trajectories,
 )
+from .published import published_blocks
 
 __all__ = ["write_report", "ReportFiles", "REPORT_MD", "REPORT_HTML", "PLOTS_DIR"]
 
@@ -362,6 +363,7 @@ def _section_blocks(
     )
     blocks.append(Heading(3, "Summary"))
     blocks.append(_summary_table(section))
+    blocks += published_blocks(section)  # empty unless the study follows a published protocol
     blocks.append(Heading(3, "Test metric per task (mean ± std over seeds)"))
     blocks += _metric_tables(section)
     blocks += _notes(section)
