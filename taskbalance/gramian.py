@@ -14,7 +14,8 @@ batch × positions):
 The per-task output gradients of every shared layer come from **one** batched backward (a vmapped
 vector-Jacobian product through :class:`torch.autograd.graph.GradientEdge` inputs, so autograd computes no
 weight gradient at all), or from a loop over the ``k`` tasks where that is faster (convolutions on CPU): the
-engine times both on its first step for a given graph shape and remembers the faster one.
+engine alternates the two over the first steps of a given graph shape, times them (best of two each) and
+keeps the faster one.
 
 The layers are read from the autograd graph of the losses, not from module hooks, so nothing needs to be
 registered before the forward pass, in-place operations after a layer are safe (the gradient taken is the
@@ -36,7 +37,7 @@ Task-specific parameters (the heads) are inputs of the same batched call: their 
 as rows, so the heads are never back-propagated a second time.
 
 The Gramian is accumulated in float64; per-layer B-side products are formed in float64 too. Nothing is copied
-to the host (the one-off timing of the first step reads the clock, not the tensors).
+to the host (the timing of the first steps reads the clock, not the tensors).
 
 **Partial Gramian (opt-in approximation).** ``GramianEngine(last_layers=N)`` forms the Gramian from the last
 ``N`` shared layers only (those nearest the losses); the batched backward stops there, and the update is
@@ -59,19 +60,25 @@ from torch.autograd.graph import GradientEdge, Node
 __all__ = ["GramianEngine", "GramianStep", "linear_costs", "embedding_costs"]
 
 Batching = Literal["vmap", "loop"]
+_TRIALS = 2  # steps timed per batching mode before the faster is kept (the best of each counts)
 _F64 = torch.float64
 
 
+_FLOAT64_COST = 2  # a float64 multiply-add costs about two float32 ones (the B-side products are float64)
+
+
 def linear_costs(rows: int, in_features: int, out_features: int, k: int) -> tuple[int, int]:
-    """Flop estimates ``(b_side, direct)`` of a linear layer's Gramian contribution (see module docstring)."""
+    """Flop estimates ``(b_side, direct)`` of a linear layer's Gramian contribution (see module docstring);
+    the B-side products run in float64 and count double."""
     b_side = rows * rows * in_features + k * rows * rows * out_features + k * k * rows * out_features
+    b_side *= _FLOAT64_COST
     direct = k * rows * in_features * out_features + k * k * in_features * out_features
     return b_side, direct
 
 
 def embedding_costs(rows: int, vocabulary: int, dim: int, k: int) -> tuple[int, int]:
     """Flop estimates ``(b_side, direct)`` of an embedding's Gramian contribution."""
-    b_side = rows * rows + k * rows * rows * dim + k * k * rows * dim
+    b_side = (rows * rows + k * rows * rows * dim + k * k * rows * dim) * _FLOAT64_COST
     direct = k * vocabulary * dim + k * rows * dim + k * k * vocabulary * dim
     return b_side, direct
 
@@ -283,7 +290,7 @@ class GramianEngine:
     Args:
         last_layers: ``None`` (default): the exact Gramian over every shared parameter. An integer ``N``:
             the **approximate** Gramian over the last ``N`` recognised shared layers only (opt-in).
-        batching: ``"auto"`` (default: time both on the first step of each graph shape, keep the faster),
+        batching: ``"auto"`` (default: time both over the first steps of each graph shape, keep the faster),
             ``"vmap"`` or ``"loop"``.
         form: ``"auto"`` (default: the cost model picks per layer), or force ``"b_side"`` / ``"direct"`` on
             every linear and embedding layer (for tests and measurements).
@@ -306,6 +313,7 @@ class GramianEngine:
         self.batching = batching
         self.form = form
         self._chosen: dict[tuple, Batching] = {}
+        self._timings: dict[tuple, dict[Batching, list[float]]] = {}
         self._eye: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}
 
     # ------------------------------------------------------------------ public
@@ -434,21 +442,22 @@ class GramianEngine:
     ) -> list[Tensor]:
         key = (signature, roots.shape[0], roots.device.type)
         mode: Batching | None = self._chosen.get(key) if self.batching == "auto" else self.batching
-        if mode is None:  # first step of this graph shape: time both, keep the faster
-            timings: dict[Batching, float] = {}
-            result: list[Tensor] = []
-            for candidate in ("loop", "vmap"):
-                _sync(roots)
-                start = time.perf_counter()
-                try:
-                    result = self._run(roots, inputs, candidate, retain=True)
-                except RuntimeError:
-                    if candidate == "loop":
-                        raise
-                    break
-                _sync(roots)
-                timings[candidate] = time.perf_counter() - start
-            self._chosen[key] = min(timings, key=lambda m: timings[m])
+        if mode is None:  # first steps of this graph shape: alternate, time, then keep the faster
+            timings = self._timings.setdefault(key, {"loop": [], "vmap": []})
+            candidate: Batching = "vmap" if len(timings["vmap"]) < len(timings["loop"]) else "loop"
+            _sync(roots)
+            start = time.perf_counter()
+            try:
+                result = self._run(roots, inputs, candidate, retain=True)
+            except RuntimeError:
+                if candidate == "loop":
+                    raise
+                self._chosen[key] = "loop"  # no batching rule for some op: remember
+                return self._run(roots, inputs, "loop", retain=retain)
+            _sync(roots)
+            timings[candidate].append(time.perf_counter() - start)
+            if len(timings["vmap"]) >= _TRIALS:
+                self._chosen[key] = min(timings, key=lambda m: min(timings[m]))  # type: ignore[arg-type]
             return result
         try:
             return self._run(roots, inputs, mode, retain=retain)

@@ -184,7 +184,7 @@ def test_in_place_change_of_a_saved_input_is_refused_by_autograd():
 def test_batching_is_chosen_once_per_graph_shape():
     model = make_model("cnn", torch.float32)
     engine = GramianEngine()
-    for seed in range(3):
+    for seed in range(6):
         x, y = make_batch("cnn", torch.float32, seed)
         engine.gramian(torch.stack(list(losses_of(model, x, y).values())), shared_of(model))
     assert len(engine._chosen) == 1
