@@ -20,7 +20,7 @@ from .balancers import (
     make,
     method_info,
 )
-from .errors import NonFiniteLossError, TaskError
+from .errors import NonFiniteError, NonFiniteGradientError, NonFiniteLossError, TaskError
 from .record import StepRecord
 
 __all__ = [
@@ -30,6 +30,8 @@ __all__ = [
     "GradientStep",
     "LossBalancer",
     "MethodInfo",
+    "NonFiniteError",
+    "NonFiniteGradientError",
     "NonFiniteLossError",
     "StepRecord",
     "TaskError",

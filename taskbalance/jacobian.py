@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "batched_jacobian",
     "parameter_jacobian",
     "feature_jacobian",
     "reachable_leaves",
@@ -56,8 +57,9 @@ def _warn_fallback(error: Exception) -> None:
 
 def _batched_grads(
     losses: Tensor, inputs: Sequence[Tensor], retain_graph: bool
-) -> list[Tensor]:
-    """Rows ``∂ losses[k] / ∂ inputs`` for every k, one tensor ``(K, *input.shape)`` per input."""
+) -> list[Tensor | None]:
+    """Rows ``∂ losses[k] / ∂ inputs`` for every k, one tensor ``(K, *input.shape)`` per input, or ``None``
+    for an input that no loss reaches."""
     if losses.dim() != 1:
         raise ValueError(f"expected a 1-d vector of task losses, got shape {tuple(losses.shape)}")
     k = losses.shape[0]
@@ -78,14 +80,31 @@ def _batched_grads(
             torch.autograd.grad(losses[i], list(inputs), retain_graph=True, allow_unused=True)
             for i in range(k)  # fallback only: batching was impossible
         ]
-        grads = tuple(
-            torch.stack([row[j] if row[j] is not None else torch.zeros_like(x) for row in rows])
+        return [
+            None
+            if all(row[j] is None for row in rows)
+            else torch.stack([row[j] if row[j] is not None else torch.zeros_like(x) for row in rows])
             for j, x in enumerate(inputs)
-        )
-    return [
-        g if g is not None else torch.zeros((k, *x.shape), dtype=x.dtype, device=x.device)
+        ]
+    return list(grads)
+
+
+def batched_jacobian(
+    losses: Tensor, inputs: Sequence[Tensor], *, retain_graph: bool = True
+) -> tuple[Tensor, list[int]]:
+    """Per-task gradients of ``losses`` (shape ``(K,)``) w.r.t. ``inputs`` as a ``K × N`` matrix, and the
+    positions of the inputs that no loss reaches (their entries are zeros).
+
+    The unreached positions come from autograd's ``allow_unused`` answer: knowing them costs nothing extra.
+    """
+    grads = _batched_grads(losses, inputs, retain_graph)
+    k = losses.shape[0]
+    unreached = [j for j, g in enumerate(grads) if g is None]
+    rows = [
+        (g if g is not None else torch.zeros((k, *x.shape), dtype=x.dtype, device=x.device)).reshape(k, -1)
         for g, x in zip(grads, inputs, strict=True)
     ]
+    return torch.cat(rows, dim=1), unreached
 
 
 def parameter_jacobian(
@@ -96,9 +115,7 @@ def parameter_jacobian(
     Row ``k`` is ``∇_θ losses[k]`` flattened and concatenated over ``parameters`` in order (the layout
     :func:`accumulate_grad` expects). Parameters a task does not reach get zero entries.
     """
-    grads = _batched_grads(losses, parameters, retain_graph)
-    k = losses.shape[0]
-    return torch.cat([g.reshape(k, -1) for g in grads], dim=1)
+    return batched_jacobian(losses, parameters, retain_graph=retain_graph)[0]
 
 
 def feature_jacobian(
@@ -109,9 +126,7 @@ def feature_jacobian(
     ``N`` is the total number of feature entries (batch included), so this is the representation-level
     Jacobian of MGDA-UB (Sener & Koltun, 2018, §3.3). Only the task heads are back-propagated through.
     """
-    grads = _batched_grads(losses, features, retain_graph)
-    k = losses.shape[0]
-    return torch.cat([g.reshape(k, -1) for g in grads], dim=1)
+    return batched_jacobian(losses, features, retain_graph=retain_graph)[0]
 
 
 def _split_like(flat: Tensor, like: Sequence[Tensor]) -> list[Tensor]:

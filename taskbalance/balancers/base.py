@@ -38,16 +38,11 @@ import torch
 from torch import Tensor, nn
 
 from ..gramian import GramianEngine
-from ..jacobian import (
-    accumulate_grad,
-    backward_through,
-    feature_jacobian,
-    parameter_jacobian,
-    reachable_leaves,
-)
+from ..jacobian import accumulate_grad, backward_through, batched_jacobian, reachable_leaves
 from ..record import StepRecord
-from .inputs import NonFinitePolicy, TaskLosses, collect_losses, validate_tasks
+from .inputs import NonFinitePolicy, TaskLosses, collect_losses, nonfinite_drops, validate_tasks
 from .registry import MethodInfo
+from .state import check_loadable
 
 __all__ = [
     "Balancer",
@@ -96,9 +91,12 @@ class Balancer(nn.Module):
 
     Args:
         tasks: task names, fixed for the balancer's life. Losses are passed keyed by these names.
-        on_nonfinite: ``"raise"`` (default) raises :class:`~taskbalance.NonFiniteLossError` naming the task
-            and leaves the state untouched; ``"skip"`` leaves such tasks out of the step (as if missing);
-            ``"propagate"`` does no check at all (no host read per step; NaN flows as in plain PyTorch).
+        on_nonfinite: what to do with a NaN/inf task loss, and (gradient-level methods) a NaN/inf per-task
+            gradient of a finite loss: ``"raise"`` (default) raises :class:`~taskbalance.NonFiniteLossError` /
+            :class:`~taskbalance.NonFiniteGradientError` naming the task and leaves the state and every
+            ``.grad`` untouched; ``"skip"`` leaves such tasks out of the step (as if missing;
+            ``record.skipped`` says why); ``"propagate"`` does no check at all (no host read per step; NaN
+            flows as in plain PyTorch, into the method's state too).
 
     Subclasses implement :meth:`_step`. Python-side counters live in ``step_count`` / ``epoch_count``
     and in the attributes named by ``extra_state_fields``; they are saved through ``state_dict()``.
@@ -108,6 +106,10 @@ class Balancer(nn.Module):
     needs_post_step_losses: ClassVar[bool] = False
     takes_log_of_losses: ClassVar[bool] = False
     extra_state_fields: ClassVar[tuple[str, ...]] = ()
+    # Gradient-level methods apply on_nonfinite to losses and gradients together, in one host read.
+    _screens_gradients: ClassVar[bool] = False
+    # State entries whose size is set at the first step (load_state_dict accepts another shape for them).
+    resizable_state: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, tasks: Sequence[str], *, on_nonfinite: NonFinitePolicy = "raise") -> None:
         super().__init__()
@@ -183,6 +185,8 @@ class Balancer(nn.Module):
             self.on_nonfinite,
             needs_positive=self.takes_log_of_losses,
             method=self.info.name,
+            require_graph=True,
+            check_finite=not self._screens_gradients,
         )
         if batch.values.device != self._device_anchor.device:
             self.to(batch.values.device)
@@ -253,7 +257,12 @@ class Balancer(nn.Module):
 
     # ------------------------------------------------------------------ state
     def get_extra_state(self) -> dict[str, Any]:
-        state = {"step_count": self.step_count, "epoch_count": self.epoch_count}
+        state: dict[str, Any] = {
+            "method": self.info.name,
+            "tasks": list(self.tasks),
+            "step_count": self.step_count,
+            "epoch_count": self.epoch_count,
+        }
         for name in self.extra_state_fields:
             state[name] = getattr(self, name)
         return state
@@ -263,6 +272,26 @@ class Balancer(nn.Module):
         self.epoch_count = int(state["epoch_count"])
         for name in self.extra_state_fields:
             setattr(self, name, state[name])
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        # Everything is checked before anything is written: a refused state leaves the balancer as it was.
+        check_loadable(self, state_dict, prefix, strict=strict)
+        self._prepare_load(state_dict, prefix)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def _prepare_load(self, state_dict: Mapping[str, Any], prefix: str) -> None:
+        """Hook run after the state was validated and before it is copied in (e.g. to re-size a buffer)."""
 
     def extra_repr(self) -> str:
         return f"tasks={list(self.tasks)}"
@@ -359,6 +388,28 @@ class GradientStep:
     def device(self) -> torch.device:
         return self.losses.device
 
+    def finite_rows(self, *, from_gramian: bool = True) -> Tensor:
+        """``(k,)`` bool on the device: which tasks' gradients are entirely finite.
+
+        Read from the float64 Gramian's diagonal (``‖g_k‖²``, NaN/inf exactly when row ``k`` has a NaN/inf)
+        when it is at hand or ``from_gramian``; otherwise from the Jacobian itself.
+        """
+        if from_gramian or self.jacobian is None or "gramian" in self.__dict__:
+            return torch.isfinite(self.gramian.diagonal())
+        return torch.isfinite(self.jacobian).all(dim=1)
+
+    def rows(self, keep: Tensor) -> GradientStep:
+        """The step restricted to the present tasks at positions ``keep`` (the Gramian is sliced, not
+        recomputed, when it is already known)."""
+        gramian = self.__dict__.get("gramian", self.precomputed_gramian)
+        return GradientStep(
+            losses=self.losses[keep],
+            index=self.index[keep],
+            jacobian=None if self.jacobian is None else self.jacobian[keep],
+            dtype=self.dtype,
+            precomputed_gramian=None if gramian is None else gramian[keep][:, keep],
+        )
+
     def require_jacobian(self, what: str = "this method") -> Tensor:
         """The Jacobian, or a clear error when the engine computed only the Gramian."""
         if self.jacobian is None:
@@ -416,7 +467,9 @@ class GradientBalancer(Balancer):
     (:mod:`taskbalance.gramian`: the ``k × k`` Gramian layer by layer and the update per layer, never the
     ``k × P`` Jacobian); otherwise the batched Jacobian (:mod:`taskbalance.jacobian`). ``"jacobian"`` forces
     the Jacobian path; ``"gramian"`` forces the Gramian engine (an error for methods that need the Jacobian).
-    Both give the same step up to float rounding (tested).
+    Both give the same step up to float rounding (tested). ``on_nonfinite="skip"`` takes the Jacobian path
+    under ``"auto"``: dropping a task after the fact needs the other tasks' gradients again, which the Gramian
+    engine (it releases the graph) cannot give; ``engine="gramian"`` with ``"skip"`` is refused.
 
     Set ``balancer.record_gramian = True`` to put the ``k × k`` Gramian ``J Jᵀ`` of the present tasks in
     ``record.extras["gramian"]`` every step (one small matmul), which
@@ -424,6 +477,7 @@ class GradientBalancer(Balancer):
     """
 
     scale_heads: ClassVar[bool] = True
+    _screens_gradients: ClassVar[bool] = True
     needs: GradientNeed = "gramian"  # "jacobian" for methods that edit gradients element-wise
     record_gramian: bool = False
     engine: EngineChoice = "auto"
@@ -452,6 +506,7 @@ class GradientBalancer(Balancer):
             )
         self.gradients: GradientLevel = gradients
         self._index_cache: dict[tuple[int, ...], Tensor] = {}
+        self._verified_trunks: set[tuple[int, ...]] = set()  # shared= sets known to compute features=
 
     def aggregate(self, step: GradientStep) -> Aggregation:
         """Decide the step from the per-task gradients.
@@ -476,6 +531,8 @@ class GradientBalancer(Balancer):
                 f"{self.info.name} edits per-task gradients element-wise and needs the Jacobian; "
                 "use engine='jacobian' or 'auto'"
             )
+        if engine == "gramian" and self.on_nonfinite == "skip":
+            raise ValueError(_GRAMIAN_SKIP)
         if last_layers is not None and engine == "jacobian":
             raise ValueError("last_layers= is an option of the Gramian engine; use engine='gramian'")
         object.__setattr__(self, "engine", engine)
@@ -483,7 +540,9 @@ class GradientBalancer(Balancer):
         return self
 
     def _uses_gramian_engine(self) -> bool:
-        return self.gradients == "parameters" and self.needs == "gramian" and self.engine != "jacobian"
+        if self.gradients != "parameters" or self.needs != "gramian" or self.engine == "jacobian":
+            return False
+        return self.engine == "gramian" or self.on_nonfinite != "skip"
 
     def _index_tensor(self, index: list[int], device: torch.device) -> Tensor:
         key = tuple(index)
@@ -500,74 +559,148 @@ class GradientBalancer(Balancer):
         shared: Iterable[Tensor] | None,
         features: Tensor | Sequence[Tensor] | None,
     ) -> StepRecord:
-        roots = batch.present_values
-        if not roots.requires_grad:
-            raise RuntimeError(
-                "none of the given losses requires grad; compute them from the model under autograd"
-            )
-        index = self._index_tensor(batch.index, roots.device)
-        shared_list = [p for p in shared if p.requires_grad] if shared is not None else None
-        scale, reducer = self._grad_scale, self._reducer
-        # Under a GradScaler every backward runs on scaled losses; the Jacobian is unscaled before aggregate.
-        scaled_roots = roots
-        if scale is not None:
-            scaled_roots = (roots.float() if roots.dtype in _LOW_PRECISION else roots) * scale
-        if self.gradients == "features":
-            if features is None:
-                raise ValueError(
-                    f"{self.info.name} with gradients='features' needs the shared representation: "
-                    "backward(losses, features=z)"
-                )
-            feature_list = [features] if isinstance(features, Tensor) else list(features)
-            jacobian = feature_jacobian(scaled_roots, feature_list)
-        else:
-            if shared_list is None:
-                raise ValueError(
-                    f"{self.info.name} needs the shared parameters: "
-                    "backward(losses, shared=model.trunk.parameters())"
-                    + (", or gradients='features' with features=z" if self.info.feature_level != "no" else "")
-                )
-            if not shared_list:
-                raise ValueError("shared= contained no parameter that requires grad")
-            if self._uses_gramian_engine():
-                return self._gramian_step(batch, roots, scaled_roots, index, shared_list)
-            jacobian = parameter_jacobian(scaled_roots, shared_list)
-        if scale is not None:
-            jacobian = jacobian / scale.to(jacobian.dtype)
-        if reducer is not None:
-            jacobian = reducer.reduce_jacobian(jacobian, self.gradients)
-        step = GradientStep(losses=roots.detach(), index=index, jacobian=jacobian, dtype=jacobian.dtype)
+        # 1. Structural checks of shared= / features= (no device read, nothing written yet).
+        shared_list = self._trainable_shared(shared)
+        feature_list = self._checked_features(features, shared_list) if self.gradients == "features" else None
+        if shared_list is not None and self._uses_gramian_engine():
+            return self._gramian_step(batch, shared_list)
+        # 2. Per-task gradients, and on_nonfinite for losses and gradients together (one host read).
+        step = self._gradient_step(batch, shared_list, feature_list)
+        batch, step = self._screen(batch, step, feature_list or shared_list or [])
+        # 3. The method decides; only now is any state or .grad written.
+        self._prepare(step)
         aggregation = self._aggregate_guarded(step)
-        direction = aggregation.shared_update(jacobian)
-        if scale is not None:
-            direction = direction * scale.to(direction.dtype)
-        if reducer is not None:
-            direction = reducer.local_direction(direction, self.gradients)
-        if self.gradients == "features":
-            heads = reachable_leaves([roots], stop_at=feature_list, exclude=shared_list or ())
-            self._backward_heads(scaled_roots, aggregation, heads)
-            if reducer is None:
-                backward_through(feature_list, direction, shared_list)
-            else:
-                trunk = shared_list if shared_list is not None else reachable_leaves(feature_list)
-                pieces = torch.split(direction, [f.numel() for f in feature_list])
-                grads = [piece.view_as(f) for piece, f in zip(pieces, feature_list, strict=True)]
-                reducer.backward_mean(feature_list, grads, trunk)
-        else:
-            assert shared_list is not None  # checked above
-            heads = reachable_leaves([roots], exclude=shared_list)
-            self._backward_heads(scaled_roots, aggregation, heads)
-            accumulate_grad(shared_list, direction, owned=aggregation.direction is None)
+        self._write_gradients(batch.present_values, step, aggregation, shared_list, feature_list)
         weights = batch.values.new_zeros(self.num_tasks).index_copy(
-            0, index, aggregation.weights.to(roots.dtype)
+            0, step.index, aggregation.weights.to(batch.values.dtype)
         )
         if self.record_gramian and "gramian" not in aggregation.extras:
             aggregation.extras["gramian"] = step.gramian.detach()
         return self._record(batch, weights, aggregation.extras)
 
-    def _gramian_step(
-        self, batch: TaskLosses, roots: Tensor, scaled_roots: Tensor, index: Tensor, shared: list[Tensor]
-    ) -> StepRecord:
+    def _prepare(self, step: GradientStep) -> None:
+        """Hook run once the step is validated, before :meth:`aggregate` (e.g. to size a state buffer)."""
+
+    def _trainable_shared(self, shared: Iterable[Tensor] | None) -> list[Tensor] | None:
+        if shared is None:
+            if self.gradients == "parameters":
+                raise ValueError(
+                    f"{self.info.name} needs the shared parameters: "
+                    "backward(losses, shared=model.trunk.parameters())"
+                    + (", or gradients='features' with features=z" if self.info.feature_level != "no" else "")
+                )
+            return None
+        trainable = [p for p in shared if p.requires_grad]
+        if not trainable:
+            raise ValueError(
+                f"{self.info.name}: shared= holds no trainable parameter (it is empty, an already-consumed "
+                "generator, or every parameter is frozen with requires_grad=False), so the trunk would train "
+                "nothing; pass the trunk's trainable parameters, e.g. shared=list(model.trunk.parameters())"
+            )
+        return trainable
+
+    def _checked_features(self, features: Tensor | Sequence[Tensor] | None,
+                          shared_list: list[Tensor] | None) -> list[Tensor]:
+        if features is None:
+            raise ValueError(
+                f"{self.info.name} with gradients='features' needs the shared representation: "
+                "backward(losses, features=z)"
+            )
+        feature_list = [features] if isinstance(features, Tensor) else list(features)
+        if not feature_list or not all(isinstance(f, Tensor) for f in feature_list):
+            raise TypeError(f"{self.info.name}: features= must be a tensor or a non-empty list of tensors")
+        if not all(f.requires_grad for f in feature_list):
+            raise ValueError(
+                f"{self.info.name}: features= does not require grad (detached, or computed under "
+                "torch.no_grad()), so the trunk would train nothing; pass the tensor the task heads read, "
+                "z = model.trunk(x), as computed"
+            )
+        if shared_list is None and all(f.grad_fn is None for f in feature_list):
+            raise ValueError(
+                f"{self.info.name}: features= is a leaf tensor, not computed by a trunk (e.g. "
+                "z.detach().requires_grad_()), so no trunk would train; pass the tensor the trunk returned, "
+                "or name the parameters behind it with shared="
+            )
+        if shared_list is not None:
+            self._check_trunk_behind(feature_list, shared_list)
+        return feature_list
+
+    def _check_trunk_behind(self, feature_list: list[Tensor], shared_list: list[Tensor]) -> None:
+        """Some ``shared=`` parameter must be behind the features (a graph walk, once per parameter set)."""
+        verified = self._verified_trunks
+        key = tuple(id(p) for p in shared_list)
+        if key in verified:
+            return
+        behind = {id(t) for t in reachable_leaves(feature_list)} | {id(f) for f in feature_list}
+        if not any(id(p) in behind for p in shared_list):
+            raise ValueError(
+                f"{self.info.name}: none of the shared= parameters computes features=, so the trunk would "
+                "get no gradient; pass the parameters of the module that returns the features, or leave "
+                "shared= out (every parameter behind the features is then trained)"
+            )
+        if len(verified) > 64:
+            verified.clear()
+        verified.add(key)
+
+    def _scaled(self, roots: Tensor) -> Tensor:
+        """The graph roots to back-propagate: under a GradScaler, the losses times its scale."""
+        scale = self._grad_scale
+        if scale is None:
+            return roots
+        return (roots.float() if roots.dtype in _LOW_PRECISION else roots) * scale
+
+    def _gradient_step(
+        self, batch: TaskLosses, shared_list: list[Tensor] | None, feature_list: list[Tensor] | None
+    ) -> GradientStep:
+        roots = batch.present_values
+        inputs = feature_list if feature_list is not None else shared_list
+        assert inputs is not None  # _trainable_shared / _checked_features made sure
+        jacobian, unreached = batched_jacobian(self._scaled(roots), inputs)
+        if feature_list is not None and unreached:
+            raise ValueError(
+                f"{self.info.name}: features= is not in the losses' graph (the heads read another tensor: "
+                "a second forward pass, a clone or a detached copy), so the trunk would train nothing; pass "
+                "the exact tensor the task heads read"
+            )
+        if feature_list is None and len(unreached) == len(inputs):
+            raise ValueError(_UNREACHED_SHARED.format(name=self.info.name))
+        if self._grad_scale is not None:  # every backward ran on scaled losses: unscale before aggregate
+            jacobian = jacobian / self._grad_scale.to(jacobian.dtype)
+        if self._reducer is not None:
+            jacobian = self._reducer.reduce_jacobian(jacobian, self.gradients)
+        index = self._index_tensor(batch.index, roots.device)
+        return GradientStep(losses=roots.detach(), index=index, jacobian=jacobian, dtype=jacobian.dtype)
+
+    def _screen(
+        self, batch: TaskLosses, step: GradientStep, inputs: list[Tensor]
+    ) -> tuple[TaskLosses, GradientStep]:
+        """``on_nonfinite`` for the present tasks' losses *and* gradients, with one host read.
+
+        The gradient check reads the Gramian's diagonal (or the Jacobian): data the step has on the device.
+        Under a GradScaler an overflowing gradient is the scaler's business (:meth:`_aggregate_guarded`).
+        """
+        if self.on_nonfinite == "propagate":
+            return batch, step
+        problem = ~torch.isfinite(step.losses)
+        if self.takes_log_of_losses:
+            problem = problem | (step.losses < 0)
+        finite_rows = None
+        if self._grad_scale is None:
+            finite_rows = step.finite_rows(from_gramian=self.needs == "gramian")
+            problem = problem | ~finite_rows
+        if not bool(problem.any()):  # the one host read per step
+            return batch, step
+        if finite_rows is not None and not bool(finite_rows.all()) and self._reducer is None and inputs:
+            step = self._isolate_nonfinite(batch, step, finite_rows, inputs)
+            finite_rows = step.finite_rows(from_gramian=False)
+        names = [self.tasks[i] for i in batch.index]
+        dropped = nonfinite_drops(
+            names, step.losses, finite_rows, self.on_nonfinite, self.takes_log_of_losses, self.info.name
+        )
+        keep = torch.tensor([i for i in range(len(names)) if i not in dropped], device=step.device)
+        return batch.without(dropped, self.tasks), step.rows(keep)
+
+    def _gramian_step(self, batch: TaskLosses, shared: list[Tensor]) -> StepRecord:
         """The step through the Gramian engine: same result as the Jacobian path, without forming ``J``."""
         engine = self._gramian_engine
         if engine is None:
@@ -578,14 +711,21 @@ class GradientBalancer(Balancer):
         if reducer is not None:
             def reduce_rows(rows: Tensor) -> Tensor:
                 return reducer.reduce_jacobian(rows, "parameters")
-        computed = engine.gramian(scaled_roots, shared, reduce_rows)
+        roots = batch.present_values
+        computed = engine.gramian(self._scaled(roots), shared, reduce_rows)
+        if len(computed.unreached) == len(shared):
+            raise ValueError(_UNREACHED_SHARED.format(name=self.info.name))
         gramian = computed.gramian
         scale = self._grad_scale
         if scale is not None:
             gramian = gramian / scale.to(gramian.dtype) ** 2
+        index = self._index_tensor(batch.index, roots.device)
         step = GradientStep(
             losses=roots.detach(), index=index, dtype=shared[0].dtype, precomputed_gramian=gramian
         )
+        screened, step = self._screen(batch, step, [])
+        if screened is not batch:  # only under engine="gramian" with "skip", which set_engine refuses
+            raise RuntimeError(_GRAMIAN_SKIP)
         aggregation = self._aggregate_guarded(step)
         if aggregation.direction is not None:
             raise RuntimeError(
@@ -603,6 +743,60 @@ class GradientBalancer(Balancer):
         if self.record_gramian and "gramian" not in aggregation.extras:
             aggregation.extras["gramian"] = step.gramian.detach()
         return self._record(batch, weights, aggregation.extras)
+
+    def _isolate_nonfinite(
+        self, batch: TaskLosses, step: GradientStep, finite_rows: Tensor, inputs: list[Tensor]
+    ) -> GradientStep:
+        """Slow path: find which tasks really have a non-finite gradient.
+
+        The batched backward sends zero cotangents through every task's graph, and ``0 · inf = NaN``: one task
+        with an infinite local derivative (``sqrt`` at 0) makes *every* row non-finite. The flagged rows are
+        recomputed one task at a time from each task's own loss tensor, whose graph holds no other task's
+        nodes. (Under a data-parallel reducer the rows stay as reduced: every flagged task is dropped.)
+        """
+        jacobian = step.require_jacobian("the non-finite gradient check").clone()
+        flagged = [i for i, ok in enumerate(finite_rows.tolist()) if not ok]
+        for i in flagged:  # only on a step with a non-finite gradient
+            grads = torch.autograd.grad(batch.items[i], inputs, retain_graph=True, allow_unused=True)
+            pieces = [
+                (g if g is not None else torch.zeros_like(x)).reshape(-1)
+                for g, x in zip(grads, inputs, strict=True)
+            ]
+            jacobian[i] = torch.cat(pieces).to(jacobian.dtype)
+        return GradientStep(losses=step.losses, index=step.index, jacobian=jacobian, dtype=step.dtype)
+
+    def _write_gradients(
+        self,
+        roots: Tensor,
+        step: GradientStep,
+        aggregation: Aggregation,
+        shared_list: list[Tensor] | None,
+        feature_list: list[Tensor] | None,
+    ) -> None:
+        """Heads get their (weighted) own gradient; the shared part gets the aggregated update."""
+        jacobian = step.require_jacobian("assembling the shared update")
+        direction = aggregation.shared_update(jacobian)
+        scale, reducer = self._grad_scale, self._reducer
+        if scale is not None:
+            direction = direction * scale.to(direction.dtype)
+        if reducer is not None:
+            direction = reducer.local_direction(direction, self.gradients)
+        scaled_roots = self._scaled(roots)
+        if feature_list is not None:
+            heads = reachable_leaves([roots], stop_at=feature_list, exclude=shared_list or ())
+            self._backward_heads(scaled_roots, aggregation, heads)
+            if reducer is None:
+                backward_through(feature_list, direction, shared_list)
+            else:
+                trunk = shared_list if shared_list is not None else reachable_leaves(feature_list)
+                pieces = torch.split(direction, [f.numel() for f in feature_list])
+                grads = [piece.view_as(f) for piece, f in zip(pieces, feature_list, strict=True)]
+                reducer.backward_mean(feature_list, grads, trunk)
+        else:
+            assert shared_list is not None  # checked by _trainable_shared
+            heads = reachable_leaves([roots], exclude=shared_list)
+            self._backward_heads(scaled_roots, aggregation, heads)
+            accumulate_grad(shared_list, direction, owned=aggregation.direction is None)
 
     def _aggregate_guarded(self, step: GradientStep) -> Aggregation:
         """:meth:`aggregate`, which under a GradScaler keeps the buffers and poisons the step on overflow.
@@ -639,6 +833,17 @@ class GradientBalancer(Balancer):
 
     def extra_repr(self) -> str:
         return f"tasks={list(self.tasks)}, gradients={self.gradients!r}"
+
+
+_UNREACHED_SHARED = (
+    "{name}: no loss reaches any shared= parameter (their Jacobian would be all zero and the real trunk "
+    "would be trained as a task head); pass the parameters the losses are computed through, e.g. "
+    "shared=model.trunk.parameters()"
+)
+_GRAMIAN_SKIP = (
+    "on_nonfinite='skip' needs the other tasks' gradients again after dropping one, which the Gramian engine "
+    "cannot give (it releases the graph); use engine='auto' or 'jacobian' with on_nonfinite='skip'"
+)
 
 
 def _feature_methods() -> list[str]:

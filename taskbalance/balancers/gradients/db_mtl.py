@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ...record import StepRecord
 from ..base import Aggregation, GradientBalancer, GradientLevel, GradientStep
 from ..inputs import NonFinitePolicy
 from ..registry import register
@@ -50,6 +49,7 @@ class DBMTL(GradientBalancer):
     needs = "jacobian"
 
     takes_log_of_losses = True
+    resizable_state = ("ema",)
     ema: Tensor
     task_steps: Tensor
 
@@ -76,31 +76,21 @@ class DBMTL(GradientBalancer):
         self.register_buffer("ema", torch.zeros(self.num_tasks, 0))
         self.register_buffer("task_steps", torch.zeros(self.num_tasks))
 
-    def backward(
-        self,
-        losses: Mapping[str, Tensor],
-        *,
-        shared: Iterable[Tensor] | None = None,
-        features: Tensor | Sequence[Tensor] | None = None,
-        **options: Any,
-    ) -> StepRecord:
-        """As :meth:`Balancer.backward`; the first call sizes the EMA buffer from ``shared``."""
-        if shared is not None and self.ema.shape[1] == 0:
-            shared = [p for p in shared if p.requires_grad]
-            if shared:  # sized before the step, so a step that is rolled back (GradScaler overflow) keeps it
-                size = sum(p.numel() for p in shared)
-                self.ema = torch.zeros(self.num_tasks, size, dtype=shared[0].dtype, device=shared[0].device)
-        return super().backward(losses, shared=shared, features=features, **options)
+    def _prepare(self, step: GradientStep) -> None:
+        """Size the EMA at the first step, before the GradScaler guard snapshots the buffers (so a step that
+        is rolled back on overflow keeps the sized, zero EMA)."""
+        jacobian = step.require_jacobian("db-mtl")
+        if self.ema.shape[1] == 0:
+            self.ema = jacobian.new_zeros(self.num_tasks, jacobian.shape[1])
+        elif self.ema.shape[1] != jacobian.shape[1]:
+            raise ValueError(
+                f"db-mtl: the shared gradient has {jacobian.shape[1]} entries but the EMA was built for "
+                f"{self.ema.shape[1]}; pass the same shared parameters every step"
+            )
 
     def aggregate(self, step: GradientStep) -> Aggregation:
         jacobian, losses, index = step.require_jacobian("db-mtl"), step.losses, step.index
-        if self.ema.shape[1] != jacobian.shape[1]:
-            if self.ema.shape[1] != 0:
-                raise ValueError(
-                    f"db-mtl: the shared gradient has {jacobian.shape[1]} entries but the EMA was built for "
-                    f"{self.ema.shape[1]}; pass the same shared parameters every step"
-                )
-            self.ema = jacobian.new_zeros(self.num_tasks, jacobian.shape[1])
+        self._prepare(step)  # no-op inside backward(); sizes the EMA when aggregate() is called directly
         inverse = 1.0 / (losses + self.eps)
         log_gradients = jacobian * inverse[:, None]
         steps = self.task_steps[index] + 1
@@ -113,13 +103,10 @@ class DBMTL(GradientBalancer):
         alpha = norms.max() / (norms + self.eps)
         return Aggregation(weights=inverse, direction=alpha @ ema, extras={"alpha": alpha})
 
-    def _load_from_state_dict(
-        self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
-    ) -> None:
+    def _prepare_load(self, state_dict: Mapping[str, Any], prefix: str) -> None:
         saved = state_dict.get(prefix + "ema")
         if isinstance(saved, Tensor) and saved.shape != self.ema.shape:
             self.ema = self.ema.new_zeros(saved.shape)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, beta={self.beta}, beta_sigma={self.beta_sigma}"
