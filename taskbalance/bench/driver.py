@@ -26,7 +26,7 @@ from .store import ResultsStore
 from .study import Study, StudySummary, run_specs, summarize
 from .suites import MethodEntry, Suite, split_available
 
-__all__ = ["run_study", "plan_study", "StudyError", "StudyOutcome"]
+__all__ = ["run_study", "plan_study", "check_device", "StudyError", "StudyOutcome"]
 
 
 class StudyError(ValueError):
@@ -55,6 +55,32 @@ def _load(suite: Suite) -> MultiTaskData:
         raise StudyError(f"dataset {suite.dataset!r}: {message}") from error
 
 
+def check_device(device: str) -> None:
+    """:class:`StudyError` unless ``device`` names a torch device this machine has."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError, TypeError) as error:
+        message = f"device {device!r} is not a torch device; use cpu, cuda or cuda:N ({error})"
+        raise StudyError(message) from error
+    if parsed.type == "cpu":
+        return
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise StudyError(
+                f"device {device!r} is not available: torch finds no CUDA GPU on this machine "
+                f"(torch {torch.__version__}); run on a machine with a GPU or use --device cpu"
+            )
+        if parsed.index is not None and parsed.index >= count:
+            raise StudyError(f"device {device!r} is not available: this machine has {count} CUDA GPU(s)")
+        return
+    if parsed.type == "mps" and torch.backends.mps.is_available():
+        return
+    raise StudyError(f"device {device!r} is not available on this machine; use cpu or cuda")
+
+
 def plan_study(
     suite: Suite, directory: str | Path, *, data_fingerprint: str = ""
 ) -> tuple[Study, list[MethodEntry]]:
@@ -63,7 +89,11 @@ def plan_study(
     Methods not registered are returned (to be reported), not run; everything else that is wrong raises
     :class:`StudyError`.
     """
+    check_device(suite.device)
     runnable, missing = split_available(tuple(suite.methods))
+    if suite.device != "cpu" and any(e.method == "forkmerge" for e in runnable):
+        raise StudyError(f"forkmerge runs train on the CPU only; leave it out or use --device cpu, not "
+                         f"{suite.device!r}")
     if not runnable:
         raise StudyError("none of the requested methods is registered; see `taskbalance methods`")
     data = _load(suite)

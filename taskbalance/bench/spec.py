@@ -31,6 +31,8 @@ class RunSpec:
         model_options: options of the model builder.
         train: a :class:`~taskbalance.train.TrainConfig` as a dict.
         checkpoint_dir: if set, the run checkpoints there every epoch and resumes after an interruption.
+        device: the torch device the run trains on (``"cpu"``, ``"cuda"``, ``"cuda:1"``). Not part of the
+            protocol: where a run trains does not change what it measures.
         data_fingerprint: e.g. the SHA-256 of a user's table file, so that changed data never mixes with old
             results under the same protocol hash.
         task_options: per task, ``{"role": ..., "metric": ...}`` overrides of the loaded dataset's tasks
@@ -48,6 +50,7 @@ class RunSpec:
     train: dict[str, Any] = field(default_factory=lambda: TrainConfig().to_dict())
     checkpoint_dir: str | None = None
     data_fingerprint: str = ""
+    device: str = "cpu"
     task_options: dict[str, dict[str, str]] = field(default_factory=dict)
 
     @property

@@ -59,6 +59,7 @@ class Study:
     checkpoint_dir: str | None = None
     data_fingerprint: str = ""
     task_options: dict[str, dict[str, str]] = field(default_factory=dict)
+    device: str = "cpu"
 
     @classmethod
     def from_suite(cls, suite: Suite, tasks: Sequence[Any], **overrides: Any) -> Study:
@@ -74,6 +75,7 @@ class Study:
             "train": suite.train,
             "baselines": suite.baselines,
             "task_options": dict(suite.task_options),
+            "device": suite.device,
         }
         values.update(overrides)
         return cls(**values)
@@ -92,6 +94,7 @@ class Study:
             checkpoint_dir=self.checkpoint_dir,
             data_fingerprint=self.data_fingerprint,
             task_options=self.task_options,
+            device=self.device,
         )
 
     def specs(self) -> list[RunSpec]:

@@ -29,6 +29,7 @@
     [executor]
     kind = "local"                      # local | serial | ray
     workers = 2
+    device = "cpu"                      # torch device the runs train on: cpu | cuda | cuda:N
 
 ``methods`` is a ``--methods`` string, or a list of such strings and tables, or ``[[methods]]`` tables::
 
@@ -164,7 +165,7 @@ def study_from_mapping(
             raise StudyFileError(f"{where}: role must be one of {', '.join(_ROLES)}, got {table['role']!r}")
         tasks[task] = {k: str(v) for k, v in table.items()}
     executor = _table(values.get("executor"), f"{source}: [executor]")
-    _check_keys(executor, ("kind", "workers"), f"{source}: [executor]")
+    _check_keys(executor, ("kind", "workers", "device"), f"{source}: [executor]")
     seeds = values.get("seeds", 2)
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise StudyFileError(f"{source}: seeds must be a positive integer (seeds 0..N-1), got {seeds!r}")
@@ -187,6 +188,7 @@ def study_from_mapping(
         task_options=tasks,
         executor=str(executor.get("kind", "local")),
         workers=workers,
+        device=str(executor.get("device", "cpu")),
     )
 
 
@@ -241,6 +243,8 @@ def study_to_toml(suite: Suite) -> str:
     lines += ["", "[executor]", f"kind = {_value(suite.executor)}"]
     if suite.workers is not None:
         lines.append(f"workers = {suite.workers}")
+    if suite.device != "cpu":
+        lines.append(f"device = {_value(suite.device)}")
     for entry in suite.methods:
         lines += ["", "[[methods]]", f"name = {_value(entry.method)}", f"label = {_value(entry.label)}"]
         if entry.hyperparameters:

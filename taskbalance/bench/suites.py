@@ -70,7 +70,8 @@ class Suite:
     """A study definition (what a study file holds); see :mod:`taskbalance.bench.study_file`.
 
     ``task_options`` maps a task name to ``{"role": "target"|"auxiliary", "metric": primary metric}``
-    overrides applied to the loaded dataset; ``executor``/``workers`` say where runs execute.
+    overrides applied to the loaded dataset; ``executor``/``workers`` say where runs execute and ``device``
+    on which torch device they train (``"cpu"``, ``"cuda"``, ``"cuda:1"``; checked by the driver).
     """
 
     name: str
@@ -86,6 +87,7 @@ class Suite:
     task_options: dict[str, dict[str, str]] = field(default_factory=dict)
     executor: str = "local"
     workers: int | None = None
+    device: str = "cpu"
 
 
 NASH_MTL_QM9_SINGLE_TASK_MAE: dict[str, float] = {

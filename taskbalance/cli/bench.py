@@ -94,6 +94,9 @@ def bench_command(
     executor: Annotated[
         str | None, typer.Option(help="where runs execute: local (processes), serial (this process), ray")
     ] = None,
+    device: Annotated[
+        str | None, typer.Option(help="torch device the runs train on: cpu (default), cuda, cuda:N")
+    ] = None,
     ray_address: Annotated[
         str | None,
         typer.Option(help="with --executor ray: auto or HOST:PORT of a cluster (default: a local Ray)"),
@@ -150,7 +153,7 @@ def bench_command(
     overrides: dict[str, Any] = {"train": train, "task_options": task_options}
     flagged: tuple[tuple[str, Any], ...] = (
         ("name", name), ("seeds", seeds), ("arch", arch), ("baselines", baselines), ("executor", executor),
-        ("workers", workers),
+        ("workers", workers), ("device", device),
     )
     for field_name, value in flagged:
         if value is not None:

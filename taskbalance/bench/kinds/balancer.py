@@ -57,7 +57,8 @@ def fit_balancer(
     balancer = tb.make(method, data.task_names, **hyperparameters)
     checkpoint = checkpoint_path(spec, ".pt")
     result = fit(
-        model, data, balancer, config, seed=spec.seed, checkpoint=checkpoint, resume=True, progress=False
+        model, data, balancer, config, seed=spec.seed, checkpoint=checkpoint, resume=True, progress=False,
+        device=spec.device,
     )
     if checkpoint is not None and checkpoint.exists():
         checkpoint.unlink()
