@@ -103,7 +103,11 @@ def test_defaults_follow_the_official_code():
     fm = ForkMerge(Net, sgd, train_steps, evaluate, TASKS, ["target"], total_steps=200)
     assert fm.alphas == (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
     assert fm.topk == (0, 1, 2)
-    assert fm.merge_every == 30 and fm.pruning_steps == 10 and fm.eval_every == 30
+    # evaluation (and schedulers) every epoch, as the official code: one of 200 epochs, or steps_per_epoch
+    assert fm.merge_every == 30 and fm.pruning_steps == 10 and fm.eval_every == 1 and fm.scheduler_every == 1
+    assert ForkMerge(Net, sgd, train_steps, evaluate, TASKS, ["target"], total_steps=200,
+                     steps_per_epoch=7).eval_every == 7
+    assert fm.search == "greedy" and fm.prune_after is None
     assert (fm.branch_checkpoint, fm.reset_optimizer_on_merge, fm.merge_scope, fm.select_final) == (
         "best_ever", False, "all", "best_val")
     assert fm.needs_ranking
@@ -130,15 +134,15 @@ def test_bad_configuration_raises_clear_errors(kwargs, error):
 
 
 # ---------------------------------------------------------------------- the schedule end to end
-def test_one_sgd_step_merge_equals_training_with_the_chosen_weight():
+@pytest.mark.parametrize("search,lam", [("greedy", 0.6), ("official", 0.6 / 1.6)])
+def test_one_sgd_step_merge_equals_training_with_the_chosen_weight(search, lam):
     """With one SGD step per segment and branches seeing the same batch, the merged model is exactly the model
     trained with auxiliary weight Λ_joint (docs/method-notes.md §3.2), through the whole ForkMerge
     machinery."""
     problem = Problem.make()
     torch.manual_seed(1)
     start = Net()
-    alpha = 0.6
-    lam = alpha / (1 + alpha)  # the joint branch is added second, with Λ̃ = α
+    # greedy: λ on the grid directly (Algorithm 1); official: the joint branch is added second with Λ̃ = α
 
     def reference(weight: float) -> Net:
         model = Net()
@@ -154,7 +158,8 @@ def test_one_sgd_step_merge_equals_training_with_the_chosen_weight():
         return -sum(float((v - goal[k]).norm()) for k, v in model.state_dict().items())
 
     fm = ForkMerge(start, sgd, functools.partial(train_steps, problem), closeness, TASKS, ["target"],
-                   branches=[{"target": 1.0}, {"target": 1.0, "noise": 1.0}], total_steps=1, merge_every=1)
+                   branches=[{"target": 1.0}, {"target": 1.0, "noise": 1.0}], total_steps=1, merge_every=1,
+                   search=search)
     fm._segment_jobs = _with_seed(fm._segment_jobs, 123)  # same batch as the reference
     result = fm.fit()
     assert result.history[0]["coefficients"] == pytest.approx([1 - lam, lam])
@@ -193,7 +198,7 @@ def noise_or_helper_lambdas(auxiliary: str, noise_scale: float = 10.0) -> list[f
         fm = ForkMerge(functools.partial(Net, width=4), functools.partial(sgd, lr=0.2),
                        functools.partial(train_steps, problem), functools.partial(evaluate, problem), TASKS,
                        ["target"], branches=[{"target": 1.0}, {"target": 1.0, auxiliary: 1.0}],
-                       total_steps=60, merge_every=10, seed=seed)
+                       total_steps=60, merge_every=10, eval_every=10, seed=seed)
         lambdas += [h["task_weights"][auxiliary] for h in fm.fit().history]
     return lambdas
 

@@ -24,6 +24,8 @@ __all__ = [
     "OptimizerFactory",
     "TrainSteps",
     "EvaluateTarget",
+    "SchedulerFactory",
+    "BalancerFactory",
     "BranchJob",
     "BranchOutcome",
     "run_branch",
@@ -41,6 +43,10 @@ TrainSteps = Callable[[nn.Module, Optimizer, Mapping[str, float], int], Any]
 branch (skip its loss and, when tasks have different inputs, its data)."""
 EvaluateTarget = Callable[[nn.Module], float]
 """``evaluate_target(model) -> float``: the target task's validation score, higher is better."""
+SchedulerFactory = Callable[[Optimizer], Any]
+"""``scheduler_factory(optimizer)``: a ``torch.optim.lr_scheduler`` scheduler of one branch's optimiser."""
+BalancerFactory = Callable[[Mapping[str, float]], Any]
+"""``balancer_factory(task_weights)``: the balancer one branch trains with (its state is kept per branch)."""
 
 
 def dumps(obj: Any) -> bytes:
@@ -82,6 +88,13 @@ class BranchJob:
         eval_every: evaluate the target after every ``eval_every`` steps (and after the last one).
         seed: torch's global RNG is seeded with it before training (inside ``fork_rng``: the caller's RNG
             state is untouched).
+        scheduler_factory: ``scheduler_factory(optimizer)`` builds the branch's LR scheduler (``None``: none).
+        scheduler_state: serialised scheduler ``state_dict`` to continue from, or ``None`` for a fresh one.
+        scheduler_every: step the scheduler after every ``scheduler_every`` steps of the branch's whole run.
+        start_step: steps the branch has trained before this job (places the scheduler's boundaries).
+        balancer_factory: ``balancer_factory(task_weights)`` builds the branch's balancer, passed to
+            ``train_steps(..., balancer=...)`` (``None``: ``train_steps`` gets no balancer).
+        balancer_state: serialised balancer ``state_dict`` to continue from, or ``None`` for a fresh one.
     """
 
     branch: int
@@ -95,6 +108,12 @@ class BranchJob:
     steps: int
     eval_every: int
     seed: int
+    scheduler_factory: SchedulerFactory | None = None
+    scheduler_state: bytes | None = None
+    scheduler_every: int = 1
+    start_step: int = 0
+    balancer_factory: BalancerFactory | None = None
+    balancer_state: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -108,6 +127,8 @@ class BranchOutcome:
         best_score: its score.
         scores: every evaluation's score, in order (the last is ``last_state`` 's).
         optimizer_state: optimizer state after the last step.
+        scheduler_state: scheduler state after the last step (``None`` without a scheduler).
+        balancer_state: balancer state after the last step (``None`` without a balancer).
     """
 
     branch: int
@@ -116,6 +137,8 @@ class BranchOutcome:
     best_score: float
     scores: list[float]
     optimizer_state: bytes
+    scheduler_state: bytes | None = None
+    balancer_state: bytes | None = None
 
     @property
     def last_score(self) -> float:
@@ -143,16 +166,34 @@ def run_branch(job: BranchJob) -> BranchOutcome:
         optimizer = job.optimizer_factory(model)
         if job.optimizer_state is not None:
             optimizer.load_state_dict(loads(job.optimizer_state))
+        scheduler = job.scheduler_factory(optimizer) if job.scheduler_factory is not None else None
+        if scheduler is not None and job.scheduler_state is not None:
+            scheduler.load_state_dict(loads(job.scheduler_state))
+            for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr(), strict=True):
+                group["lr"] = lr  # a fresh optimiser (reset on merge) continues the schedule
+        balancer = job.balancer_factory(dict(job.task_weights)) if job.balancer_factory is not None else None
+        if balancer is not None and job.balancer_state is not None:
+            balancer.load_state_dict(loads(job.balancer_state))
+        extra = {"balancer": balancer} if balancer is not None else {}
         torch.manual_seed(job.seed)
         scores: list[float] = []
         best_state = b""
         best_key = -math.inf
         done = 0
+        next_eval = min(job.eval_every, job.steps)
         while done < job.steps:
-            n = min(job.eval_every, job.steps - done)
+            step = job.start_step + done
+            n = next_eval - done
+            if scheduler is not None:
+                n = min(n, job.scheduler_every - step % job.scheduler_every)
             model.train()
-            job.train_steps(model, optimizer, dict(job.task_weights), n)
+            job.train_steps(model, optimizer, dict(job.task_weights), n, **extra)
             done += n
+            if scheduler is not None and (job.start_step + done) % job.scheduler_every == 0:
+                scheduler.step()
+            if done < next_eval:
+                continue
+            next_eval = min(next_eval + job.eval_every, job.steps)
             score = evaluate_model(model, job.evaluate_target)
             scores.append(score)
             if not best_state or _comparable(score) > best_key:
@@ -165,4 +206,6 @@ def run_branch(job: BranchJob) -> BranchOutcome:
             best_score=best_score,
             scores=scores,
             optimizer_state=dumps(optimizer.state_dict()),
+            scheduler_state=dumps(scheduler.state_dict()) if scheduler is not None else None,
+            balancer_state=dumps(balancer.state_dict()) if balancer is not None else None,
         )

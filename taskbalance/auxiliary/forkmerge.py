@@ -21,11 +21,13 @@ from torch import nn
 
 from ..balancers.inputs import validate_tasks
 from .branch import (
+    BalancerFactory,
     BranchJob,
     BranchOutcome,
     EvaluateTarget,
     ModelFactory,
     OptimizerFactory,
+    SchedulerFactory,
     TrainSteps,
     derive_seed,
     dumps,
@@ -34,7 +36,16 @@ from .branch import (
     run_branch,
 )
 from .executor import Executor, SerialExecutor
-from .merge import DEFAULT_ALPHAS, check_alphas, greedy_merge_search, merge_state_dicts
+from .merge import (
+    DEFAULT_ALPHAS,
+    SEARCHES,
+    MergeSearch,
+    SearchKind,
+    check_alphas,
+    greedy_merge_search,
+    merge_state_dicts,
+    mixture_merge_search,
+)
 from .pruning import rank_auxiliaries
 from .roles import resolve_roles
 
@@ -44,7 +55,7 @@ BranchCheckpoint = Literal["best_ever", "best_in_segment", "last"]
 MergeScope = Literal["all", "shared_and_targets"]
 SelectFinal = Literal["best_val", "last"]
 _CHECKPOINT_NAME = "forkmerge.pt"
-_FORMAT = 1
+_FORMAT = 2
 
 
 def task_of_key_by_name(tasks: Sequence[str]) -> Callable[[str], str | None]:
@@ -96,6 +107,9 @@ class _BranchState:
     optimizer: dict[str, Any] | None = None
     best_state: dict[str, Any] | None = None
     best_score: float = -math.inf
+    scheduler: dict[str, Any] | None = None
+    balancer: dict[str, Any] | None = None
+    steps: int = 0
 
 
 @dataclass
@@ -129,9 +143,24 @@ class ForkMerge:
        ``branches=[{task: weight}, ...]``: any weight vectors ``ν_b`` (paper Eq. 13).
     2. Every ``merge_every`` steps: train each branch for the segment (in parallel through ``executor``),
        evaluating the target every ``eval_every`` steps; pick each branch's checkpoint ``θ_b`` and score
-       (``branch_checkpoint``); find ``Λ`` by the greedy search over ``alphas`` on the target's validation
-       score (:func:`~taskbalance.auxiliary.merge.greedy_merge_search`, paper Algorithm 3); merge
+       (``branch_checkpoint``); find ``Λ`` on the target's validation score (``search``, below); merge
        ``θ = Σ_b Λ_b θ_b`` and load it into every branch.
+    2b. *Λ-pruning* (paper §4.2, used for DomainNet and AliExpress): after merge number ``prune_after``, drop
+       the branches with ``Λ_b = 0`` and keep the ``keep_branches`` (K′) with the largest ``Λ``.
+
+    **Search** (``search``): ``"greedy"`` (default) adds branches by their own score and gives each any share
+    ``λ`` on the grid ``alphas`` (:func:`~taskbalance.auxiliary.merge.mixture_merge_search`): with two
+    branches exactly the paper's Algorithm 1 grid search, so the anchor can end below one half; for three or
+    more a generalisation of Algorithm 3 (**our choice**). ``"official"``: the paper's Algorithm 3 as the
+    official code runs it (:func:`~taskbalance.auxiliary.merge.greedy_merge_search`; the i-th added branch
+    gets at most ``1/(i+2)``, so with two branches the better branch keeps at least one half).
+    ``"binary"``: Algorithm 1's binary search on ``λ`` (``binary_steps`` halvings; our reconstruction).
+
+    **Per-branch training state**: every branch keeps its optimiser, its LR scheduler
+    (``scheduler_factory(optimizer)``, stepped every ``scheduler_every`` steps of the branch's run, as the
+    official code's per-branch schedulers; the state travels with the optimiser's through merges, processes
+    and checkpoints) and its balancer (``balancer_factory(task_weights)``, passed to
+    ``train_steps(..., balancer=b)``; its state is carried across segments, never merged).
     3. Return the best merged model on validation (``select_final="best_val"``) or the last one.
 
     To first order a merge equals training with the task weights ``Σ_b Λ_b ν_b``; :attr:`history` records them
@@ -140,8 +169,9 @@ class ForkMerge:
     **Defaults** from the official code, converted to steps: ``alphas = (0, .2, .4, .6, .8, 1)``,
     ``topk = (0, 1, 2)`` (cut to the number of auxiliaries — our choice), ``merge_every = 30/200`` of
     ``total_steps`` (released NYUv2 script: 30 of 200 epochs; the paper says 10 of 200), ``pruning_steps =
-    10/200`` of ``total_steps`` (argparse default 10 epochs), ``eval_every = merge_every`` (the official code
-    evaluates every epoch: pass your steps per epoch to reproduce it).
+    10/200`` of ``total_steps`` (argparse default 10 epochs), ``eval_every`` and ``scheduler_every`` = one
+    epoch: ``steps_per_epoch`` when given, else ``total_steps / 200`` (the official code evaluates and steps
+    its schedulers every epoch of its 200).
 
     **Quirks of the official code, decided here** (``docs/method-notes.md`` §3.4; see ``docs/auxiliary.md``):
 
@@ -203,6 +233,15 @@ class ForkMerge:
         executor: where branches train (default :class:`~taskbalance.auxiliary.executor.SerialExecutor`);
             a process pool needs picklable callables and model.
         checkpoint_dir: directory for the resumable checkpoint (``forkmerge.pt``); ``None``: no checkpoint.
+        search: ``"greedy"`` | ``"official"`` | ``"binary"`` (see above).
+        binary_steps: halvings of ``search="binary"``.
+        prune_after: prune the branches after this merge (1 = the first; ``None``: never, unless
+            ``keep_branches`` is given, then 1).
+        keep_branches: K′, the branches kept by pruning (largest ``Λ``; ``None``: all with ``Λ > 0``).
+        steps_per_epoch: sets the defaults of ``eval_every`` and ``scheduler_every``.
+        scheduler_factory: ``scheduler_factory(optimizer)``, one LR scheduler per branch (``None``: none).
+        scheduler_every: steps between scheduler steps.
+        balancer_factory: ``balancer_factory(task_weights)``, one balancer per branch (``None``: none).
     """
 
     def __init__(
@@ -229,6 +268,14 @@ class ForkMerge:
         select_final: SelectFinal = "best_val",
         executor: Executor | None = None,
         checkpoint_dir: str | os.PathLike[str] | None = None,
+        search: SearchKind = "greedy",
+        binary_steps: int = 4,
+        prune_after: int | None = None,
+        keep_branches: int | None = None,
+        steps_per_epoch: int | None = None,
+        scheduler_factory: SchedulerFactory | None = None,
+        scheduler_every: int | None = None,
+        balancer_factory: BalancerFactory | None = None,
     ) -> None:
         self.tasks = validate_tasks(tasks)
         self.roles = resolve_roles(self.tasks, targets=targets, method="ForkMerge")
@@ -250,9 +297,32 @@ class ForkMerge:
         self.merge_every = _positive_int(
             "merge_every", merge_every if merge_every is not None else max(1, round(total_steps * 30 / 200))
         )
-        self.eval_every = _positive_int(
-            "eval_every", eval_every if eval_every is not None else self.merge_every
+        epoch = (
+            _positive_int("steps_per_epoch", steps_per_epoch) if steps_per_epoch is not None
+            else max(1, round(total_steps / 200))
         )
+        self.steps_per_epoch = epoch
+        self.eval_every = _positive_int("eval_every", eval_every if eval_every is not None else epoch)
+        self.scheduler_every = _positive_int(
+            "scheduler_every", scheduler_every if scheduler_every is not None else epoch
+        )
+        _choice("search", search, SEARCHES)
+        self.search: SearchKind = search
+        self.binary_steps = binary_steps
+        if isinstance(binary_steps, bool) or not isinstance(binary_steps, int) or binary_steps < 0:
+            raise ValueError(f"binary_steps must be an integer >= 0, got {binary_steps!r}")
+        if prune_after is None and keep_branches is not None:
+            prune_after = 1
+        self.prune_after = _positive_int("prune_after", prune_after) if prune_after is not None else None
+        self.keep_branches = (
+            _positive_int("keep_branches", keep_branches) if keep_branches is not None else None
+        )
+        factories = (("scheduler_factory", scheduler_factory), ("balancer_factory", balancer_factory))
+        for name, factory in factories:
+            if factory is not None and not callable(factory):
+                raise TypeError(f"{name} must be callable, got {type(factory).__name__}")
+        self.scheduler_factory = scheduler_factory
+        self.balancer_factory = balancer_factory
         self.pruning_steps = _positive_int(
             "pruning_steps",
             pruning_steps if pruning_steps is not None else max(1, round(total_steps * 10 / 200)),
@@ -343,6 +413,13 @@ class ForkMerge:
             "reset_optimizer_on_merge": self.reset_optimizer_on_merge,
             "merge_scope": self.merge_scope,
             "select_final": self.select_final,
+            "search": self.search,
+            "binary_steps": self.binary_steps,
+            "prune_after": self.prune_after,
+            "keep_branches": self.keep_branches,
+            "scheduler_every": self.scheduler_every,
+            "scheduler": self.scheduler_factory is not None,
+            "balancer": self.balancer_factory is not None,
         }
 
     # ------------------------------------------------------------------ state
@@ -379,7 +456,8 @@ class ForkMerge:
             "branch_weights": p.branch_weights,
             "branches": [
                 {"current": b.current, "optimizer": b.optimizer, "best_state": b.best_state,
-                 "best_score": b.best_score}
+                 "best_score": b.best_score, "scheduler": b.scheduler, "balancer": b.balancer,
+                 "steps": b.steps}
                 for b in p.branches
             ],
             "history": p.history,
@@ -407,7 +485,8 @@ class ForkMerge:
             ranking=[(str(n), float(s)) for n, s in ranking] if ranking is not None else None,
             branch_weights=[dict(b) for b in state["branch_weights"]],
             branches=[
-                _BranchState(dict(b["current"]), b["optimizer"], b["best_state"], float(b["best_score"]))
+                _BranchState(dict(b["current"]), b["optimizer"], b["best_state"], float(b["best_score"]),
+                             b["scheduler"], b["balancer"], int(b["steps"]))
                 for b in state["branches"]
             ],
             history=list(state["history"]),
@@ -476,6 +555,12 @@ class ForkMerge:
                 steps=steps,
                 eval_every=min(self.eval_every, steps),
                 seed=seed,
+                scheduler_factory=self.scheduler_factory,
+                scheduler_state=dumps(state.scheduler) if state.scheduler is not None else None,
+                scheduler_every=self.scheduler_every,
+                start_step=state.steps,
+                balancer_factory=self.balancer_factory,
+                balancer_state=dumps(state.balancer) if state.balancer is not None else None,
             )
             for b, state in enumerate(p.branches)
         ]
@@ -515,9 +600,10 @@ class ForkMerge:
             states.append(chosen)
             scores.append(score)
             state.optimizer = None if self.reset_optimizer_on_merge else loads(outcome.optimizer_state)
-        search = greedy_merge_search(
-            states, scores, self._evaluate_state, alphas=self.alphas, merge=self._merge
-        )
+            state.scheduler = loads(outcome.scheduler_state) if outcome.scheduler_state is not None else None
+            state.balancer = loads(outcome.balancer_state) if outcome.balancer_state is not None else None
+            state.steps += min(self.merge_every, self.total_steps - segment * self.merge_every)
+        search = self._search(states, scores)
         merged = search.state
         if self.merge_scope == "shared_and_targets":
             leader = max(range(len(states)), key=lambda b: (search.coefficients[b], -b))
@@ -542,8 +628,30 @@ class ForkMerge:
         p.merged, p.merged_score = merged, search.score
         if p.best_merged is None or _comparable(search.score) > _comparable(p.best_merged_score):
             p.best_merged, p.best_merged_score = merged, search.score
+        if self.prune_after is not None and len(p.history) == self.prune_after:
+            kept = self._pruned(search.coefficients)
+            p.history[-1]["kept_branches"] = kept
+            p.branches = [p.branches[b] for b in kept]
+            p.branch_weights = [p.branch_weights[b] for b in kept]
         p.segment = segment + 1
         self._save()
+
+    def _search(self, states: Sequence[Mapping[str, Any]], scores: Sequence[float]) -> MergeSearch:
+        if self.search == "official":
+            return greedy_merge_search(states, scores, self._evaluate_state, alphas=self.alphas,
+                                       merge=self._merge)
+        steps = self.binary_steps if self.search == "binary" else None
+        return mixture_merge_search(states, scores, self._evaluate_state, alphas=self.alphas,
+                                    binary_steps=steps, merge=self._merge)
+
+    def _pruned(self, coefficients: Sequence[float]) -> list[int]:
+        """Λ-pruning: the branches with ``Λ > 0``, at most ``keep_branches`` of them with the largest ``Λ``
+        (ties: lower index), in their original order; never empty (the largest is always kept)."""
+        ranked = sorted(range(len(coefficients)), key=lambda b: (-coefficients[b], b))
+        kept = [b for b in ranked if coefficients[b] > 0] or ranked[:1]
+        if self.keep_branches is not None:
+            kept = kept[: self.keep_branches]
+        return sorted(kept)
 
     def fit(self, max_segments: int | None = None) -> ForkMergeResult:
         """Run (or resume, from ``checkpoint_dir``) the whole schedule.

@@ -13,11 +13,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from torch import Tensor
 
-__all__ = ["DEFAULT_ALPHAS", "merge_state_dicts", "greedy_merge_search", "MergeSearch", "check_alphas"]
+__all__ = [
+    "DEFAULT_ALPHAS", "SEARCHES", "SearchKind", "merge_state_dicts", "greedy_merge_search",
+    "mixture_merge_search", "MergeSearch", "check_alphas",
+]
 
 DEFAULT_ALPHAS: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 """The coefficient grid of the paper and the official code."""
@@ -202,3 +205,89 @@ def greedy_merge_search(
         assert chosen is not None
         raw[branch] = chosen
     return MergeSearch(normalised(raw), raw, order, best_score, best_state, evaluations)
+
+
+SearchKind = Literal["greedy", "official", "binary"]
+SEARCHES: tuple[str, ...] = ("greedy", "official", "binary")
+
+
+def mixture_merge_search(
+    states: Sequence[Mapping[str, Any]],
+    scores: Sequence[float],
+    evaluate: Callable[[dict[str, Any]], float],
+    *,
+    alphas: Sequence[float] = DEFAULT_ALPHAS,
+    binary_steps: int | None = None,
+    merge: Callable[[Sequence[Mapping[str, Any]], Sequence[float]], dict[str, Any]] = merge_state_dicts,
+) -> MergeSearch:
+    """Merge coefficients by adding branches one at a time, each with any share ``λ ∈ [0, 1]``.
+
+    Branches are ordered by ``scores`` (descending; ties keep the lower index), the first gets
+    ``Λ = e_first``; for each next branch ``b``, ``Λ ← (1 − λ) Λ + λ e_b`` with the ``λ`` whose merged state
+    scores best:
+
+    * ``binary_steps=None``: ``λ`` over the grid ``alphas`` (ties to the smaller ``λ``, NaN = −∞). With two
+      branches this is the paper's Algorithm 1 (``λ* = argmax P̂((1−λ) θ⁰ + λ θ¹)`` over {0, .2, …, 1}), so
+      the anchor can get any weight, below one half included; with more it generalises the greedy search
+      of Algorithm 3, whose bound ``Λ̃_b ≤ U`` (:func:`greedy_merge_search`) caps the i-th added branch at
+      ``1/(i+2)`` of the mass — **our choice** for B ≥ 3.
+    * ``binary_steps=n``: Algorithm 1's binary-search alternative (its details are not in the sources we could
+      read; **our reconstruction**): evaluate ``λ = 0, ½, 1``; then ``n`` times halve the interval around the
+      best point so far, evaluating the midpoints of its two halves. ``3 + 2n`` evaluations per added branch;
+      exact on unimodal scores up to ``2^-(n+1)``.
+
+    ``MergeSearch.raw`` equals the coefficients here (no unnormalised form).
+    """
+    if binary_steps is None:
+        grid = check_alphas(alphas)
+    elif isinstance(binary_steps, bool) or not isinstance(binary_steps, int) or binary_steps < 0:
+        raise ValueError(f"binary_steps must be an integer >= 0, got {binary_steps!r}")
+    count = len(states)
+    if count == 0:
+        raise ValueError("the merge search needs at least one branch")
+    if len(scores) != count:
+        raise ValueError(f"got {count} branch states but {len(scores)} scores")
+    order = sorted(range(count), key=lambda b: (-_as_comparable(float(scores[b])), b))
+    coefficients = [0.0] * count
+    coefficients[order[0]] = 1.0
+    evaluations: list[tuple[int, float, float]] = []
+    best_state = merge(states, coefficients) if count == 1 else {}
+    best_score = float(evaluate(best_state)) if count == 1 else -math.inf
+    if count == 1:
+        evaluations.append((order[0], 1.0, best_score))
+    for branch in order[1:]:
+        base = list(coefficients)
+        tried: dict[float, tuple[float, dict[str, Any]]] = {}
+
+        def attempt(lam: float, branch: int = branch, base: list[float] = base,
+                    tried: dict[float, tuple[float, dict[str, Any]]] = tried) -> float:
+            if lam not in tried:
+                candidate = [(1.0 - lam) * c for c in base]
+                candidate[branch] += lam
+                state = merge(states, candidate)
+                score = float(evaluate(state))
+                evaluations.append((branch, lam, score))
+                tried[lam] = (score, state)
+            return _as_comparable(tried[lam][0])
+
+        def best_lambda(tried: dict[float, tuple[float, dict[str, Any]]] = tried) -> float:
+            return min(tried, key=lambda x: (-_as_comparable(tried[x][0]), x))  # ties: the smaller λ
+
+        if binary_steps is None:
+            for lam in grid:
+                attempt(lam)
+        else:
+            for lam in (0.0, 0.5, 1.0):
+                attempt(lam)
+            centre, half = best_lambda(), 0.5
+            for _ in range(binary_steps):
+                half /= 2
+                for lam in (centre - half, centre + half):
+                    if 0.0 <= lam <= 1.0:
+                        attempt(lam)
+                centre = best_lambda()
+        lam = best_lambda()
+        best_score, best_state = tried[lam]
+        coefficients = [(1.0 - lam) * c for c in base]
+        coefficients[branch] += lam
+    return MergeSearch(list(coefficients), list(coefficients), order, best_score, best_state, evaluations)
