@@ -267,3 +267,61 @@ def test_linear_methods_total_is_the_weighted_sum(name, values, mask):
     torch.testing.assert_close(total, (weights * losses).sum())
     assert bool((weights[~present] == 0).all())
     assert math.isfinite(float(total))
+
+
+# ---------------------------------------------------------------- validate before mutate
+def _model_losses(model):
+    x, y = toy_batch(TASKS, seed=99)
+    return toy_losses(model, x, y)[1]
+
+
+def _detach_all(losses):
+    return {t: v.detach() for t, v in losses.items()}
+
+
+LOSS_BAD_INPUTS = {
+    "integer loss": (lambda ls: {**ls, "b": torch.tensor(2)}, TypeError, "'b'.*floating point"),
+    "detached loss": (lambda ls: {**ls, "b": ls["b"].detach()}, TaskError, "'b'.*does not require grad"),
+    "leaf loss": (lambda ls: {**ls, "b": ls["b"].detach().requires_grad_()}, TaskError, "'b'.*leaf"),
+    "all losses detached": (_detach_all, TaskError, "none of the given losses requires grad"),
+    "non-scalar loss": (lambda ls: {**ls, "b": ls["b"].expand(3)}, ValueError, "scalar"),
+    "unknown task": (lambda ls: {**ls, "z": ls["a"] * 1}, TaskError, "unknown task"),
+    "non-finite loss": (lambda ls: {**ls, "c": ls["c"] * float("nan")}, NonFiniteLossError, "'c'"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(LOSS_BAD_INPUTS))
+@pytest.mark.parametrize("name", LOSS_METHODS)
+def test_bad_input_raises_before_any_state_or_grad_is_written(name, kind):
+    corrupt, error, match = LOSS_BAD_INPUTS[kind]
+    model, balancer = warmed_up(name)
+    model.heads["a"].weight.grad = torch.full_like(model.heads["a"].weight, 0.5)
+    before = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in balancer.state_dict().items()}
+    grads = {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
+    with pytest.raises(error, match=match):
+        balancer.backward(corrupt(_model_losses(model)))
+    assert_state_equal(balancer.state_dict(), before)
+    for n, p in model.named_parameters():
+        assert (p.grad is None) == (grads[n] is None) and (p.grad is None or torch.equal(p.grad, grads[n])), n
+
+
+# ---------------------------------------------------------------- load_state_dict checks
+@pytest.mark.parametrize("name", LOSS_METHODS)
+def test_load_state_dict_refuses_another_method_task_order_or_nonfinite_state(name):
+    _, balancer = warmed_up(name)
+    state = balancer.state_dict()
+    other = "ema" if name != "ema" else "dwa"
+    with pytest.raises(TaskError, match=f"saved by a '{name}' balancer"):
+        taskbalance.make(other, TASKS).load_state_dict(state)
+    permuted = taskbalance.make(name, ["c", "b", "a"], **SHORT_RUN.get(name, {}))
+    before = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in permuted.state_dict().items()}
+    with pytest.raises(TaskError, match="another order"):
+        permuted.load_state_dict(state)
+    assert_state_equal(permuted.state_dict(), before)
+    floats = [k for k, v in state.items()
+              if isinstance(v, torch.Tensor) and v.is_floating_point() and v.numel()]
+    for key in floats[:1]:
+        bad = dict(state)
+        bad[key] = torch.full_like(state[key], float("nan"))
+        with pytest.raises(TaskError, match=f"NaN or inf in '{key}'"):
+            make(name).load_state_dict(bad)

@@ -96,8 +96,9 @@ def test_custom_convex_transform_is_used_with_its_derivative_as_weight():
 
 def test_normalized_mode_survives_losses_that_overflow_the_faithful_mode():
     losses = [200.0, 150.0, 1.0]
-    faithful = taskbalance.make("bmtl", TASKS).backward(leaves(losses)).weights
-    assert not bool(torch.isfinite(faithful).all())  # documented: exp(200) overflows float32
+    with pytest.warns(RuntimeWarning, match="temperature"):  # exp(200) overflows float32: max-shifted
+        faithful = taskbalance.make("bmtl", TASKS).backward(leaves(losses)).weights
+    assert bool(torch.isfinite(faithful).all())
     normalized = taskbalance.make("bmtl", TASKS, mode="normalized").backward(leaves(losses)).weights
     assert bool(torch.isfinite(normalized).all())
     torch.testing.assert_close(normalized, torch.tensor([3.0, 0.0, 0.0]))
@@ -112,3 +113,47 @@ def test_normalized_mode_survives_losses_that_overflow_the_faithful_mode():
 def test_bad_hyperparameters_are_rejected(kwargs, match):
     with pytest.raises(ValueError, match=match):
         taskbalance.make("bmtl", TASKS, **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("temperature", [0.5, 1.0])
+def test_faithful_mode_is_exact_below_the_overflow_point(dtype, temperature):
+    """Where exp(L/T) is representable, the max-shift is 0 and the weights are exactly exp(L/T)/T."""
+    values = torch.tensor([1.0, 30.0, 40.0], dtype=dtype)
+    losses = {t: v.clone().requires_grad_() for t, v in zip(TASKS, values, strict=True)}
+    record = taskbalance.make("bmtl", TASKS, temperature=temperature).backward(losses)
+    expected = torch.exp(values / temperature) / temperature
+    assert torch.equal(record.weights, expected)
+    for k, t in enumerate(TASKS):
+        assert torch.equal(losses[t].grad, expected[k])
+
+
+@pytest.mark.parametrize("big", [100.0, 1e4, 1e20])
+def test_faithful_mode_stays_finite_and_warns_naming_temperature_when_exp_overflows(big):
+    """Above the overflow point the exponent is max-shifted: finite weights, the faithful direction
+    (ratios exp((L_i - L_j)/T)), and a RuntimeWarning naming temperature."""
+    values = [big, big - 2.0, 1.0]
+    losses = {t: torch.tensor(v, requires_grad=True) for t, v in zip(TASKS, values, strict=True)}
+    with pytest.warns(RuntimeWarning, match="temperature=1.0"):
+        record = taskbalance.make("bmtl", TASKS).backward(losses)
+    weights = record.weights
+    assert bool(torch.isfinite(weights).all()) and float(weights[0]) > 0
+    for k, t in enumerate(TASKS):
+        assert torch.equal(losses[t].grad, weights[k])
+    if big < 1e6:  # beyond that float32 cannot resolve L - 2 from L: the ratio is no longer measurable
+        torch.testing.assert_close(weights[1] / weights[0], torch.exp(torch.tensor(-2.0)), rtol=1e-5, atol=0)
+        ratio = weights[2].double() / weights[0].double()
+        torch.testing.assert_close(ratio, torch.exp(torch.tensor(1.0 - big, dtype=torch.float64)), rtol=1e-4,
+                                   atol=1e-300)
+    else:
+        assert float(weights[2]) == 0.0  # exp(1 - 1e20) underflows, as the faithful ratio says
+
+
+def test_model_gradient_is_finite_when_a_task_loss_overflows_the_exponential():
+    torch.manual_seed(0)
+    model = ToyMultiTask(TASKS)
+    x, y = toy_batch(TASKS, scales={"b": 30.0})  # loss b ~ 450 > 88: exp overflows float32
+    _, losses = toy_losses(model, x, y)
+    with pytest.warns(RuntimeWarning, match="temperature"):
+        taskbalance.make("bmtl", TASKS).backward(losses)
+    assert all(bool(torch.isfinite(p.grad).all()) for p in model.parameters())

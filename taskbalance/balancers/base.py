@@ -187,7 +187,10 @@ class Balancer(nn.Module):
             method=self.info.name,
             require_graph=True,
             check_finite=not self._screens_gradients,
+            ceiling=self.loss_ceiling,
         )
+        if batch.above_ceiling:
+            self._on_loss_above_ceiling(batch.above_ceiling)
         if batch.values.device != self._device_anchor.device:
             self.to(batch.values.device)
         # plain attribute writes: nn.Module.__setattr__ costs microseconds on every step
@@ -236,6 +239,16 @@ class Balancer(nn.Module):
         features: Tensor | Sequence[Tensor] | None,
     ) -> StepRecord:
         raise NotImplementedError
+
+    def loss_ceiling(self, dtype: torch.dtype) -> float | None:
+        """The largest loss the method handles faithfully in ``dtype`` (``None``: no limit).
+
+        Losses above it are found in the step's one host read and reported to :meth:`_on_loss_above_ceiling`.
+        """
+        return None
+
+    def _on_loss_above_ceiling(self, tasks: list[str]) -> None:
+        """Hook: some losses exceed :meth:`loss_ceiling` (e.g. BMTL warns and names ``temperature``)."""
 
     def _on_epoch_end(self) -> None:
         """Hook for epoch-level methods."""

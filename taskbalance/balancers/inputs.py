@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -54,6 +54,7 @@ class TaskLosses:
     present_values: Tensor
     skipped: dict[str, str] = field(default_factory=dict)
     items: list[Tensor] = field(default_factory=list)
+    above_ceiling: list[str] = field(default_factory=list)
 
     @property
     def all_present(self) -> bool:
@@ -99,6 +100,7 @@ def collect_losses(
     method: str = "",
     require_graph: bool = False,
     check_finite: bool = True,
+    ceiling: Callable[[torch.dtype], float | None] | None = None,
 ) -> TaskLosses:
     """Validate a ``{task: scalar loss}`` mapping and lay it out in task order.
 
@@ -109,6 +111,8 @@ def collect_losses(
         check_finite: apply ``on_nonfinite`` to the loss values here (one host read). Gradient-level
             balancers pass ``False`` and screen losses and gradients together in one read
             (:func:`nonfinite_drops`).
+        ceiling: the method's largest faithful loss for a dtype (BMTL's ``exp(L/T)`` overflow); losses
+            above it are listed in ``above_ceiling``, found in the same host read.
 
     Raises:
         TypeError: ``losses`` is not a mapping of tensors, or a loss is not floating point.
@@ -149,12 +153,19 @@ def collect_losses(
         _check_graph(names, values)
     stacked = torch.stack(values)
     skipped = {t: "missing" for t in tasks if t not in losses}
+    above: list[str] = []
     if check_finite and on_nonfinite != "propagate":
         detached = stacked.detach()
         problem = ~torch.isfinite(detached)
         if needs_positive:
             problem = problem | (detached < 0)
+        limit = ceiling(stacked.dtype) if ceiling is not None else None
+        if limit is not None:
+            problem = problem | (detached > limit)
         if bool(problem.any()):  # the one host read per step; on_nonfinite="propagate" avoids it
+            if limit is not None:
+                host = detached.tolist()
+                above = [n for n, v in zip(names, host, strict=True) if math.isfinite(v) and v > limit]
             dropped = nonfinite_drops(names, detached, None, on_nonfinite, needs_positive, method)
             skipped.update({names[i]: reason for i, reason in dropped.items()})
             keep = [i for i in range(len(names)) if i not in dropped]
@@ -168,7 +179,7 @@ def collect_losses(
         zero = stacked.new_zeros(())
         by_name = dict(zip(names, values, strict=True))
         full = torch.stack([by_name.get(t, zero) for t in tasks])
-    return TaskLosses(full, _mask(index, k, stacked.device), index, stacked, skipped, values)
+    return TaskLosses(full, _mask(index, k, stacked.device), index, stacked, skipped, values, above)
 
 
 def _check_graph(names: list[str], values: list[Tensor]) -> None:

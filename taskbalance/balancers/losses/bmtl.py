@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Literal
 
@@ -75,8 +76,14 @@ class BMTL(LossBalancer):
 
     Modes:
 
-    * ``"faithful"`` (default): ``L_tot = Σ_k h(L_k)``, gradient flowing through ``h``. It overflows in
-      float32 once ``L/T`` exceeds about 88 (weights become ``inf``): choose ``T`` relative to the loss scale;
+    * ``"faithful"`` (default): ``L_tot = Σ_k h(L_k)``, gradient flowing through ``h``. ``exp(L/T)``
+      overflows float32 once ``L/T`` exceeds about 88: **our choice**, the exponent is then max-shifted,
+      ``Σ_k exp(L_k/T − s)`` with ``s = max(0, max_k L_k/T − c)`` and ``c`` just below the overflow point
+      (``log(max float) − log K − max(0, −log T) − 1``), so the step stays finite with the faithful direction
+      but a magnitude scaled by ``exp(−s)``; ``s = 0`` (bit-identical to the plain formula) whenever the
+      faithful gradient is representable. A ``RuntimeWarning`` naming ``temperature`` says when it happens
+      (found in the step's one host read; not under ``on_nonfinite="propagate"``): choose ``T`` relative to
+      the loss scale;
     * ``"normalized"`` (our choice, bounded step): ``L_tot = Σ_k sg(K · h'(L_k) / Σ_j h'(L_j)) L_k``, i.e.
       ``sg(K · softmax(L/T))`` for the default ``h``: the same direction as faithful BMTL each step, weights
       summing to ``K``, computed without overflow.
@@ -119,6 +126,28 @@ class BMTL(LossBalancer):
         self.mode: Mode = mode
         self.transform = transform
 
+    def _exponent_cap(self, dtype: torch.dtype) -> float:
+        """Largest ``L/T`` at which ``Σ_k exp(L_k/T)`` and ``exp(L/T)/T`` are finite in ``dtype``."""
+        return (
+            math.log(torch.finfo(dtype).max) - math.log(self.num_tasks)
+            - max(0.0, -math.log(self.temperature)) - 1.0
+        )
+
+    def loss_ceiling(self, dtype: torch.dtype) -> float | None:
+        if self.transform is not None or self.mode != "faithful":
+            return None
+        return self.temperature * self._exponent_cap(dtype)
+
+    def _on_loss_above_ceiling(self, tasks: list[str]) -> None:
+        warnings.warn(
+            f"bmtl: the loss of task(s) {', '.join(repr(t) for t in tasks)} is so large that exp(L/T) "
+            f"overflows at temperature={self.temperature}; the step was scaled down by a common factor "
+            "(direction kept, magnitude no longer faithful). Raise temperature to the scale of the losses, "
+            "or use mode='normalized'",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
     def _derivative(self, losses: Tensor) -> Tensor:
         """``h'(L)`` of the custom transform, from a small detached autograd graph on the K-vector."""
         assert self.transform is not None
@@ -135,7 +164,10 @@ class BMTL(LossBalancer):
                 logits = torch.where(present, scaled.detach(), -math.inf)
                 weights = present.sum().to(losses.dtype) * torch.softmax(logits, dim=0)
                 return (weights * losses).sum(), weights
-            exponential = torch.where(present, torch.exp(torch.where(present, scaled, zeros)), zeros)
+            scaled = torch.where(present, scaled, zeros)
+            # max-shift, on-device: 0 (bit-identical to exp(L/T)) unless exp(L/T) would overflow
+            shift = (scaled.detach().max() - self._exponent_cap(losses.dtype)).clamp_min(0)
+            exponential = torch.where(present, torch.exp(scaled - shift), zeros)
             return exponential.sum(), exponential.detach() / self.temperature
         derivative = torch.where(present, self._derivative(torch.where(present, losses, zeros)), zeros)
         if self.mode == "normalized":
