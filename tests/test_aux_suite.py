@@ -103,6 +103,9 @@ def test_forkmerge_run_records_merges_and_the_budget_of_one_trainer_run() -> Non
     best = max(h["score"] for h in result.history)
     chosen = [h for h in result.history if math.ceil(h["epoch"]) == result.selected_epoch]
     assert any(h["score"] == best for h in chosen)
+    for task in data.tasks:  # every metric of the kind and the trivial references, as balancer runs store
+        assert result.test_metrics[task.name][task.metric] == result.metrics[task.name]
+        assert set(result.trivial_metrics[task.name]) == set(result.test_metrics[task.name])
 
 
 def test_forkmerge_runs_are_deterministic_and_resume_bit_for_bit(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]

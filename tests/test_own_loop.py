@@ -49,9 +49,12 @@ def test_own_loop_runs_give_the_bench_report(tmp_path: Path):
         curves = {r.id: store.curves(r.id) for r in rows}
     bench_files = write_report(tmp_path / "bench", specs=specs, plots=False)
 
-    log = taskbalance.StudyLog(tmp_path / "mine", tasks=data.tasks, dataset="tiny")
+    assert rows[0].trivial_metrics  # bench stores the trivial references with every run
+    trivial = rows[0].trivial_metrics
+    log = taskbalance.StudyLog(tmp_path / "mine", tasks=data.tasks, dataset="tiny", trivial=trivial)
     for row in rows:
         extra = {"ms_per_step": row.ms_per_step, "peak_memory_mb": row.peak_memory_mb}
+        extra["test_metrics"] = row.test_metrics
         history = curves[row.id].get("history", [])
         if row.method == "stl":
             log.add_baseline(row.hyperparameters["task"], row.seed, row.metrics, history=history, **extra)
@@ -60,9 +63,12 @@ def test_own_loop_runs_give_the_bench_report(tmp_path: Path):
             log.add_run(row.label, row.seed, row.metrics, history=history, weights=weights, **extra)
     own_summary = log.summary()
     assert _render(own_summary) == _render(bench_summary)
+    assert "trivial predictor" in _render(own_summary)
+    assert own_summary.trivial == bench_summary.trivial and bench_summary.trivial
     assert log.conclusion() == conclusion(bench_summary) and log.conclusion().startswith("Conclusion: ")
     own_files = log.write_report(plots=False)
     assert _tables(own_files.markdown.read_text()) == _tables(bench_files.markdown.read_text())
+    assert "Secondary metrics" in bench_files.markdown.read_text()
     assert own_files.conclusions == bench_files.conclusions
     html = own_files.html.read_text()
     assert re.search(r'<p class="conclusion">Conclusion: ', html)

@@ -33,14 +33,34 @@ _FIXED = (
 )
 
 
+def _nested_columns(prefix: str, runs: list[RunRecord], attribute: str) -> list[tuple[str, str, str]]:
+    """``(column, task, metric)`` for every ``{task: {metric: value}}`` entry of ``attribute`` in ``runs``."""
+    seen: dict[tuple[str, str], None] = {}
+    for run in runs:
+        for task, values in getattr(run, attribute).items():
+            for metric in values:
+                seen[(task, metric)] = None
+    return [(f"{prefix}/{task}/{metric}", task, metric) for task, metric in seen]
+
+
 def flatten_runs(runs: list[RunRecord]) -> tuple[list[str], list[dict[str, Any]]]:
-    """Columns and rows: fixed columns, then ``test/<task>`` and ``val/<task>`` metrics."""
+    """Columns and rows: fixed columns, ``test/<task>`` and ``val/<task>`` (primary metrics), then every test
+    metric of each task's kind ``test/<task>/<metric>`` (e.g. ``test/churn/average_precision``) and the
+    trivial predictor's ``trivial/<task>/<metric>`` (empty for runs stored without them)."""
     tasks: list[str] = []
     for run in runs:
         for name in run.metrics:
             if name not in tasks:
                 tasks.append(name)
-    columns = [*_FIXED, *(f"test/{t}" for t in tasks), *(f"val/{t}" for t in tasks)]
+    secondary = _nested_columns("test", runs, "test_metrics")
+    trivial = _nested_columns("trivial", runs, "trivial_metrics")
+    columns = [
+        *_FIXED,
+        *(f"test/{t}" for t in tasks),
+        *(f"val/{t}" for t in tasks),
+        *(c for c, _, _ in secondary),
+        *(c for c, _, _ in trivial),
+    ]
     rows = []
     for run in runs:
         row = {c: run[c] for c in _FIXED}
@@ -48,6 +68,10 @@ def flatten_runs(runs: list[RunRecord]) -> tuple[list[str], list[dict[str, Any]]
         for t in tasks:
             row[f"test/{t}"] = run.metrics.get(t)
             row[f"val/{t}"] = run.val_metrics.get(t)
+        for column, task, metric in secondary:
+            row[column] = run.test_metrics.get(task, {}).get(metric)
+        for column, task, metric in trivial:
+            row[column] = run.trivial_metrics.get(task, {}).get(metric)
         rows.append(row)
     return columns, rows
 

@@ -89,13 +89,21 @@ class RunSpec:
 
 @dataclass
 class RunResult:
-    """The outcome of one run (plain values only; ``history``/``weights`` are JSON-able curves)."""
+    """The outcome of one run (plain values only; ``history``/``weights`` are JSON-able curves).
+
+    ``metrics``/``val_metrics``: each task's primary metric (``{task: value}``, what Δm and verdicts use);
+    ``test_metrics``: every test metric of each task's kind (``{task: {metric: value}}``);
+    ``trivial_metrics``: the same metrics of the trivial predictor (majority class / training mean, fitted on
+    the training split; :func:`taskbalance.data.metrics.trivial_metrics`) on the test split.
+    """
 
     spec: RunSpec
     status: str
     tasks: list[dict[str, Any]] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
     val_metrics: dict[str, float] = field(default_factory=dict)
+    test_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    trivial_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     selected_epoch: int | None = None
     ms_per_step: float | None = None
     peak_memory_mb: float | None = None

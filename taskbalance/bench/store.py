@@ -4,7 +4,10 @@ Layout (``DIR/results.sqlite``):
 
 * ``runs`` — one row per (dataset, protocol hash, method, hyperparameters JSON, seed) (a UNIQUE key):
   status (``running`` / ``done`` / ``failed``), label, protocol (JSON), task specs (JSON), test and validation
-  metrics (JSON), selected epoch, ms/step, peak memory, steps, wall time, package version, git revision,
+  primary metrics (JSON, ``{task: value}``), every test metric of each task's kind (``test_metrics``, JSON
+  ``{task: {metric: value}}``: AUROC/AP/accuracy, macro-F1/accuracy, MAE/RMSE), the trivial predictor's test
+  metrics (``trivial_metrics``, same shape: majority class / training mean), selected epoch, ms/step, peak
+  memory, steps, wall time, package version, git revision,
   timestamps, error text, number of attempts.
 * ``curves`` — per run, named JSON curves: ``history`` (per-epoch losses, validation metrics, mean weights),
   ``weights`` (the balancer's weights, epochs × steps × tasks), so reports plot them without re-running.
@@ -47,6 +50,8 @@ CREATE TABLE IF NOT EXISTS runs (
     tasks TEXT,
     metrics TEXT,
     val_metrics TEXT,
+    test_metrics TEXT,
+    trivial_metrics TEXT,
     selected_epoch INTEGER,
     ms_per_step REAL,
     peak_memory_mb REAL,
@@ -67,14 +72,19 @@ CREATE TABLE IF NOT EXISTS curves (
     PRIMARY KEY (run_id, name)
 );
 """
-_JSON_COLUMNS = ("protocol", "tasks", "metrics", "val_metrics")
+_JSON_COLUMNS = ("protocol", "tasks", "metrics", "val_metrics", "test_metrics", "trivial_metrics")
+_ADDED_COLUMNS = ("test_metrics", "trivial_metrics")
+"""Columns added after the first release: a store written before them gains them (empty) when opened."""
 
 
 @dataclass(frozen=True)
 class RunRecord:
     """One stored run (a row of ``runs``), JSON columns decoded.
 
-    ``tasks``/``metrics``/``val_metrics`` are empty until the run is ``done``. Item access
+    ``tasks``/``metrics``/``val_metrics`` are empty until the run is ``done``; ``test_metrics`` (every
+    metric of each task's kind) and ``trivial_metrics`` (the trivial predictor's, see
+    :func:`taskbalance.data.metrics.trivial_metrics`) are ``{task: {metric: value}}``, empty for runs stored
+    before they were recorded. Item access
     (``record["seed"]``) reads the attribute of that name, for readers written against the earlier dict rows.
     """
 
@@ -90,6 +100,8 @@ class RunRecord:
     tasks: list[dict[str, Any]] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
     val_metrics: dict[str, float] = field(default_factory=dict)
+    test_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    trivial_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     selected_epoch: int | None = None
     ms_per_step: float | None = None
     peak_memory_mb: float | None = None
@@ -121,7 +133,9 @@ class RunRecord:
         for column in (*_JSON_COLUMNS, "hyperparameters"):
             if item[column] is not None:
                 item[column] = json.loads(item[column])
-        for column, empty in (("tasks", list), ("metrics", dict), ("val_metrics", dict)):
+        empties = (("tasks", list), ("metrics", dict), ("val_metrics", dict), ("test_metrics", dict),
+                   ("trivial_metrics", dict))
+        for column, empty in empties:
             if item[column] is None:
                 item[column] = empty()
         return cls(**item)
@@ -166,6 +180,10 @@ class ResultsStore:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(_SCHEMA)
+        present = {row["name"] for row in self._db.execute("PRAGMA table_info(runs)")}
+        for column in _ADDED_COLUMNS:  # fixed literals, not user input
+            if column not in present:
+                self._db.execute(f"ALTER TABLE runs ADD COLUMN {column} TEXT")
         from .. import __version__
 
         self.package_version = __version__
@@ -246,7 +264,8 @@ class ResultsStore:
                 return  # a finished run is never overwritten
             db.execute(
                 """UPDATE runs SET status = ?, label = ?, tasks = ?, metrics = ?, val_metrics = ?,
-                       selected_epoch = ?, ms_per_step = ?, peak_memory_mb = ?, steps = ?, wall_seconds = ?,
+                       test_metrics = ?, trivial_metrics = ?, selected_epoch = ?, ms_per_step = ?,
+                       peak_memory_mb = ?, steps = ?, wall_seconds = ?,
                        package_version = ?, git_revision = ?, started_at = ?, finished_at = ?, error = ?
                    WHERE id = ?""",
                 (
@@ -255,6 +274,8 @@ class ResultsStore:
                     json.dumps(result.tasks),
                     json.dumps(result.metrics),
                     json.dumps(result.val_metrics),
+                    json.dumps(result.test_metrics),
+                    json.dumps(result.trivial_metrics),
                     result.selected_epoch,
                     result.ms_per_step,
                     result.peak_memory_mb,

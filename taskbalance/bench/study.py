@@ -161,6 +161,9 @@ class MethodSummary:
     ms_per_step: float
     peak_memory_mb: float
     transfer: TransferSummary | None = None
+    secondary_mean: dict[str, dict[str, float]] = field(default_factory=dict)
+    """``{task: {metric: mean over seeds}}`` of every test metric of the task's kind (AUROC/AP/accuracy,
+    macro-F1/accuracy, MAE/RMSE); empty for runs stored without them."""
 
 
 @dataclass
@@ -174,6 +177,39 @@ class StudySummary:
     unfinished: int = 0
     convention: str = DELTA_M_CONVENTION
     correction_text: str = ""  # the multiple-comparison correction the verdicts used, for every output
+    trivial: dict[str, dict[str, float]] = field(default_factory=dict)
+    """``{task: {metric: value}}`` of the trivial predictor (majority class / training mean) on the test
+    split, as stored with the runs; empty when no run recorded it."""
+
+    def trivial_primary(self) -> dict[str, float]:
+        """Task → the trivial predictor's primary metric (tasks without a stored reference left out)."""
+        return _primary(self.trivial, self.tasks)
+
+
+def _secondary_means(rows: Sequence[RunRecord], tasks: Sequence[str]) -> dict[str, dict[str, float]]:
+    """``{task: {metric: mean over rows}}`` of the rows' stored ``test_metrics`` (tasks in ``tasks`` only)."""
+    out: dict[str, dict[str, float]] = {}
+    for task in tasks:
+        metrics = list(dict.fromkeys(m for r in rows for m in r.test_metrics.get(task, {})))
+        if metrics:
+            out[task] = {m: _mean([r.test_metrics.get(task, {}).get(m) for r in rows]) for m in metrics}
+    return out
+
+
+def _primary(values: dict[str, dict[str, float]], tasks: Sequence[TaskInfo]) -> dict[str, float]:
+    return {t.name: values[t.name][t.metric] for t in tasks if t.metric in values.get(t.name, {})}
+
+
+def _trivial_references(rows: Sequence[RunRecord]) -> dict[str, dict[str, float]]:
+    """The trivial predictor's metrics per task, from the first run that stored them for that task.
+
+    Every run of a study stores the same references (they depend on the data split only)."""
+    out: dict[str, dict[str, float]] = {}
+    for row in rows:
+        for task, values in row.trivial_metrics.items():
+            if task not in out and values:
+                out[task] = dict(values)
+    return out
 
 
 def _summarise_rows(label: str, method: str, rows: list[RunRecord], names: list[str]) -> MethodSummary:
@@ -185,6 +221,7 @@ def _summarise_rows(label: str, method: str, rows: list[RunRecord], names: list[
         metric_std={n: _std([r.metrics.get(n, math.nan) for r in rows]) for n in names},
         ms_per_step=_mean([r.ms_per_step for r in rows]),
         peak_memory_mb=max((r.peak_memory_mb or math.nan for r in rows), default=math.nan),
+        secondary_mean=_secondary_means(rows, names),
     )
 
 
@@ -200,7 +237,10 @@ def summarize(
 
     Only rows matching ``specs`` (same protocol) are read. Baselines are the ``stl`` runs of each task. Every
     method is compared on the seeds it shares with the baselines, with one ``correction`` over all the
-    study's (method, task) tests (:func:`taskbalance.diagnostics.transfer.compare_study`).
+    study's (method, task) tests (:func:`taskbalance.diagnostics.transfer.compare_study`), and with the
+    trivial predictor's primary metric stored with the runs (``trivial=``): a method at that level is flagged
+    "at trivial level", never positive transfer. Secondary metrics (every metric of a task's kind) are
+    averaged over seeds for display; Δm and verdicts use the primary metric only.
     """
     keys = {s.key: s for s in specs}
     rows = [r for r in store.runs() if r.key in keys]
@@ -228,6 +268,9 @@ def summarize(
             ms_per_step=_mean([r.ms_per_step for r in stl_rows]),
             peak_memory_mb=max((r.peak_memory_mb or math.nan for r in stl_rows), default=math.nan),
         )
+        for name in names:
+            own = [r for r in stl_rows if r.hyperparameters["task"] == name]
+            baseline.secondary_mean.update(_secondary_means(own, [name]))
     by_label: dict[str, list[RunRecord]] = {}
     for row in done:
         if not is_baseline(row.method):
@@ -238,6 +281,8 @@ def summarize(
         for label in order
         if by_label.get(label)
     ]
+    trivial = _trivial_references(done)
+    trivial_primary = _primary(trivial, tasks)
     scored = [t for t in tasks if t.role == "target" or not targets_only]
     correction_text = ""
     if methods and scored and all(baselines.get(t.name) for t in scored):
@@ -248,8 +293,11 @@ def summarize(
             targets_only=targets_only,
             alpha=alpha,
             correction=correction,
+            trivial=trivial_primary,
         )
         for item in methods:
             item.transfer = comparison.methods[item.label]
         correction_text = comparison.correction_text
-    return StudySummary(tasks, baseline, methods, failed, unfinished, correction_text=correction_text)
+    return StudySummary(
+        tasks, baseline, methods, failed, unfinished, correction_text=correction_text, trivial=trivial
+    )

@@ -2,7 +2,8 @@
 
 1. A compact per-method summary: seeds, Δm% with its CI, verdict counts (NEG / n.s. / pos, plus
    trivial-level and too-few-seeds counts), ms per step. Its width does not depend on the number of tasks.
-2. Per-task detail — test metric mean ± std, then relative change % with the verdict — with methods as rows
+2. Per-task detail — test metric mean ± std (with the trivial predictor's value as the last row when the runs
+   stored it), then relative change % with the verdict — with methods as rows
    and tasks as columns, *paged*: as many task columns per table as fit the console's width, the method column
    never squeezed, so 14 tasks become several narrow tables instead of one unreadable one.
 3. Notes (Δm convention, the verdict rule with its multiple-comparison correction, seed mismatches), failed
@@ -20,7 +21,7 @@ from ..diagnostics.conclusion import format_number
 from ..diagnostics.transfer import TransferSummary
 from .study import StudySummary
 
-__all__ = ["render_summary", "VERDICT_MARKS", "VERDICT_RULE", "VERDICT_LEGEND"]
+__all__ = ["render_summary", "VERDICT_MARKS", "VERDICT_RULE", "VERDICT_LEGEND", "TRIVIAL_LABEL"]
 
 VERDICT_MARKS = {
     "negative transfer": "NEG",
@@ -39,6 +40,10 @@ VERDICT_LEGEND = (
     "n.s. = no significant difference, ? = fewer than 2 matched seeds, "
     "triv = at the trivial predictor's level (never positive transfer)"
 )
+
+
+TRIVIAL_LABEL = "trivial predictor"
+"""Row label of the trivial reference (majority class / training mean, fitted on the training split)."""
 
 
 def format_value(value: float | None, digits: int = 4) -> str:
@@ -168,13 +173,13 @@ def render_summary(summary: StudySummary, console: Any, *, title: str = "") -> N
         headers.append(f"{task.name}{aux}\n{task.metric}{unit} {arrow}")
     items = ([summary.baseline] if summary.baseline is not None else []) + list(summary.methods)
     if items and names:
-        _paged_tables(
-            console,
-            "Test metric per task (mean ± std over seeds)",
-            [m.label for m in items],
-            headers,
-            [[_pm(m.metric_mean[n], m.metric_std[n]) for n in names] for m in items],
-        )
+        labels = [m.label for m in items]
+        cells = [[_pm(m.metric_mean[n], m.metric_std[n]) for n in names] for m in items]
+        trivial = summary.trivial_primary()
+        if trivial:
+            labels.append(TRIVIAL_LABEL)
+            cells.append([format_value(trivial.get(n)) for n in names])
+        _paged_tables(console, "Test metric per task (mean ± std over seeds)", labels, headers, cells)
     if targets_only:
         target_names = ", ".join(t.name for t in summary.tasks if t.role == "target")
         console.print(

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from .base import Split
+    from .base import MultiTaskData, Split
     from .tasks import Task
 
 __all__ = [
@@ -47,6 +47,7 @@ __all__ = [
     "task_metrics",
     "trivial_prediction",
     "trivial_metrics",
+    "trivial_references",
 ]
 
 METRICS: Mapping[str, tuple[str, ...]] = {
@@ -162,3 +163,9 @@ def trivial_metrics(task: Task, train: Split, test: Split) -> dict[str, float]:
     prediction = trivial_prediction(task, train.y[task.name][train_mask], int(target.shape[0]))
     values = task_metrics(task, prediction, target)
     return {name: float(value) for name, value in values.items()}
+
+
+def trivial_references(data: MultiTaskData) -> dict[str, dict[str, float]]:
+    """:func:`trivial_metrics` of every task of ``data`` (fitted on its training split, scored on its test
+    split): ``{task: {metric: value}}``, what ``bench`` stores with each run."""
+    return {task.name: trivial_metrics(task, data.train, data.test) for task in data.tasks}

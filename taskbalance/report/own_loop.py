@@ -2,7 +2,11 @@
 
 ::
 
-    log = taskbalance.StudyLog("runs/mine", tasks=[Task("price", "regression"), Task("churn", "binary")])
+    log = taskbalance.StudyLog(
+        "runs/mine",
+        tasks=[Task("price", "regression"), Task("churn", "binary")],
+        trivial={"price": 4.2, "churn": 0.5},  # optional: the trivial predictor's primary metric per task
+    )
     for seed in range(3):
         log.add_baseline("price", seed, metrics={"price": 3.1})   # a single-task model of that task
         log.add_baseline("churn", seed, metrics={"churn": 0.71})
@@ -18,6 +22,11 @@ the very code ``bench`` and ``report`` use (:func:`taskbalance.bench.study.summa
 ``bench``'s on the same runs. Record the *primary* metric of each task (``task.metric``; see
 :mod:`taskbalance.data.metrics` for the defaults and :func:`taskbalance.data.metrics.task_metrics` to compute
 them); seeds pair a method run with the baseline runs of the same seed.
+
+Optional extras, shown exactly as ``bench`` shows them: ``trivial=`` (the trivial predictor's metrics per
+task, e.g. from :func:`taskbalance.data.metrics.trivial_metrics`: a run at that level is flagged "at trivial
+level", never positive transfer) and ``test_metrics=`` on each run (every metric of the task's kind,
+``{task: {metric: value}}``, e.g. ``FitResult.test_metrics``: the report's secondary-metric table).
 """
 
 from __future__ import annotations
@@ -61,6 +70,10 @@ class StudyLog:
         dataset: a name for the data (report headings).
         protocol: what makes runs comparable (e.g. ``{"epochs": 20, "lr": 1e-3}``); shown in the report and
             hashed, so that runs logged under another protocol form another section.
+        trivial: per task, the trivial predictor's test metric(s) — a number (the primary metric) or
+            ``{metric: value}`` (every metric of the kind, as :func:`taskbalance.data.metrics.trivial_metrics`
+            returns). Stored with every run logged; a method at that level is flagged, never positive
+            transfer.
     """
 
     def __init__(
@@ -70,6 +83,7 @@ class StudyLog:
         *,
         dataset: str = OWN_LOOP,
         protocol: Mapping[str, Any] | None = None,
+        trivial: Mapping[str, float | Mapping[str, float]] | None = None,
     ) -> None:
         if not tasks:
             raise ValueError("a study needs at least one task")
@@ -80,8 +94,27 @@ class StudyLog:
         self._specs: list[RunSpec] = []
         self._task_records = [_task_record(t) for t in self.tasks]
         self._names = [t.name for t in self.tasks]
+        self._trivial = self._nested(trivial or {}, "trivial")
 
     # ------------------------------------------------------------------ logging
+    def _nested(
+        self, values: Mapping[str, float | Mapping[str, float]], what: str
+    ) -> dict[str, dict[str, float]]:
+        """``{task: number | {metric: number}}`` → ``{task: {metric: float}}`` (a number is the primary
+        metric); unknown tasks and non-finite values raise."""
+        unknown = sorted(set(values) - set(self._names))
+        if unknown:
+            raise KeyError(f"{what} for unknown task(s) {unknown}; the study's tasks are {self._names}")
+        metric = {t.name: t.metric for t in self.tasks}
+        out: dict[str, dict[str, float]] = {}
+        for task, value in values.items():
+            items = value.items() if isinstance(value, Mapping) else [(metric[task], value)]
+            out[task] = {str(name): float(number) for name, number in items}
+            bad = [name for name, number in out[task].items() if not math.isfinite(number)]
+            if bad:
+                raise ValueError(f"non-finite {what} metric(s) {bad} for task {task!r}")
+        return out
+
     def _spec(self, method: str, label: str, seed: int, hyperparameters: dict[str, Any]) -> RunSpec:
         return RunSpec(
             dataset=self.dataset,
@@ -102,6 +135,7 @@ class StudyLog:
         peak_memory_mb: float | None,
         history: Sequence[Mapping[str, Any]],
         weights: Sequence[Sequence[Sequence[float]]],
+        test_metrics: Mapping[str, Mapping[str, float]] | None = None,
     ) -> None:
         unknown = sorted(set(metrics) - set(self._names))
         if unknown:
@@ -114,6 +148,8 @@ class StudyLog:
             status="done",
             tasks=self._task_records,
             metrics={k: float(v) for k, v in metrics.items()},
+            test_metrics=self._nested(test_metrics or {}, "test_metrics"),
+            trivial_metrics=self._trivial,
             ms_per_step=ms_per_step,
             peak_memory_mb=peak_memory_mb,
             history=[dict(entry) for entry in history],
@@ -132,8 +168,11 @@ class StudyLog:
         ms_per_step: float | None = None,
         peak_memory_mb: float | None = None,
         history: Sequence[Mapping[str, Any]] = (),
+        test_metrics: Mapping[str, Mapping[str, float]] | None = None,
     ) -> None:
-        """Log a single-task model of ``task`` (its test metric, ``{task: value}``) for ``seed``."""
+        """Log a single-task model of ``task`` (its test metric, ``{task: value}``) for ``seed``.
+
+        ``test_metrics``: optionally every metric of the task's kind, ``{task: {metric: value}}``."""
         if task not in self._names:
             raise KeyError(f"unknown task {task!r}; the study's tasks are {self._names}")
         if task not in metrics:
@@ -146,6 +185,7 @@ class StudyLog:
             peak_memory_mb=peak_memory_mb,
             history=history,
             weights=(),
+            test_metrics={task: test_metrics[task]} if test_metrics and task in test_metrics else None,
         )
 
     def add_run(
@@ -160,11 +200,14 @@ class StudyLog:
         peak_memory_mb: float | None = None,
         history: Sequence[Mapping[str, Any]] = (),
         weights: Sequence[Sequence[Sequence[float]]] = (),
+        test_metrics: Mapping[str, Mapping[str, float]] | None = None,
     ) -> None:
         """Log a multi-task run of ``method`` (``{task: test metric}`` for every task) for ``seed``.
 
         ``history``: one dict per epoch (``{"train_loss": {task: v}, "val": {task: v}}``) for the curves;
-        ``weights``: the balancer's task weights, ``epochs × steps × tasks``, for the weight trajectories.
+        ``weights``: the balancer's task weights, ``epochs × steps × tasks``, for the weight trajectories;
+        ``test_metrics``: every metric of each task's kind (``{task: {metric: value}}``, e.g.
+        ``FitResult.test_metrics``) for the secondary-metric table.
         """
         missing = [n for n in self._names if n not in metrics]
         if missing:
@@ -177,6 +220,7 @@ class StudyLog:
             peak_memory_mb=peak_memory_mb,
             history=history,
             weights=weights,
+            test_metrics=test_metrics,
         )
 
     # ------------------------------------------------------------------ outputs

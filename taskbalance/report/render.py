@@ -8,6 +8,8 @@ What it shows, per study (dataset × protocol) in the store:
 
 * the summary table — per method: seeds, per-task test metric mean ± std (of the validation-selected epoch),
   Δm% mean ± std and its 95% CI over seeds, verdict counts, ms/step, peak memory;
+* per-task primary metric tables with the trivial predictor's row, and the secondary metrics of each task's
+  kind (AUROC/AP/accuracy, macro-F1/accuracy, MAE/RMSE) in tables of their own;
 * per-task relative change vs single-task with Welch verdicts (NEG = significant negative transfer);
 * plots — Δm with CIs, methods × tasks heatmap, weight trajectories, training/validation curves, cost vs Δm;
 * what is missing — failed or unfinished runs, single-seed methods (no CI), no baselines (no Δm), auxiliary
@@ -27,7 +29,15 @@ from pathlib import Path
 
 from ..bench.runner import RunSpec
 from ..bench.store import STORE_NAME, ResultsStore
-from ..bench.table import VERDICT_LEGEND, VERDICT_MARKS, VERDICT_RULE, format_value, verdict_counts_text
+from ..bench.table import (
+    TRIVIAL_LABEL,
+    VERDICT_LEGEND,
+    VERDICT_MARKS,
+    VERDICT_RULE,
+    format_value,
+    verdict_counts_text,
+)
+from ..data.metrics import HIGHER_IS_BETTER
 from ..diagnostics.conclusion import conclusion
 from .data import MethodView, Section, load_sections, relative_change_matrix
 from .plots import (
@@ -199,6 +209,49 @@ def _metric_tables(section: Section) -> list[Table]:
             + [Cell(_pm(item.metric_mean[t.name], item.metric_std[t.name])) for t in chunk]
             for item in items
         ]
+        trivial = section.summary.trivial_primary()
+        if trivial:
+            values = [Cell(format_value(trivial.get(t.name))) for t in chunk]
+            rows.append([Cell(TRIVIAL_LABEL, "ref"), *values])
+        tables.append(Table(headers, rows))
+    return tables
+
+
+SECONDARY_COLUMNS = 8
+"""Secondary-metric tables show at most this many (task, metric) columns each."""
+
+
+def _secondary_tables(section: Section) -> list[Table]:
+    """Every other metric of each task's kind (AUROC/AP/accuracy, macro-F1/accuracy, MAE/RMSE) besides the
+    primary one, mean over seeds; rows: single-task, methods, trivial predictor. For reading only: Δm and
+    verdicts use the primary metric."""
+    summary = section.summary
+    items = [summary.baseline] if summary.baseline is not None else []
+    items += [v.summary for v in section.methods]
+    columns: list[tuple[str, str]] = []
+    for task in summary.tasks:
+        metrics = dict.fromkeys(
+            m for item in items for m in item.secondary_mean.get(task.name, {}) if m != task.metric
+        )
+        columns += [(task.name, metric) for metric in metrics]
+    if not columns:
+        return []
+    tables = []
+    for start in range(0, len(columns), SECONDARY_COLUMNS):
+        chunk = columns[start : start + SECONDARY_COLUMNS]
+        headers = ["method"] + [
+            f"{task} {metric} {'↑' if HIGHER_IS_BETTER.get(metric, True) else '↓'}" for task, metric in chunk
+        ]
+        rows = [
+            [Cell(item.label, "ref" if item is summary.baseline else "")]
+            + [Cell(format_value(item.secondary_mean.get(task, {}).get(metric))) for task, metric in chunk]
+            for item in items
+        ]
+        if summary.trivial:
+            rows.append(
+                [Cell(TRIVIAL_LABEL, "ref")]
+                + [Cell(format_value(summary.trivial.get(task, {}).get(metric))) for task, metric in chunk]
+            )
         tables.append(Table(headers, rows))
     return tables
 
@@ -366,6 +419,10 @@ def _section_blocks(
     blocks += published_blocks(section)  # empty unless the study follows a published protocol
     blocks.append(Heading(3, "Test metric per task (mean ± std over seeds)"))
     blocks += _metric_tables(section)
+    secondary = _secondary_tables(section)
+    if secondary:
+        blocks.append(Heading(3, "Secondary metrics (mean over seeds; Δm and verdicts use the primary)"))
+        blocks += secondary
     blocks += _notes(section)
     transfer = _transfer_tables(section)
     if transfer:

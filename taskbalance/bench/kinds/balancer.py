@@ -48,6 +48,7 @@ def fit_balancer(
     ``spec.checkpoint_dir``); the result lists ``recorded``'s tasks."""
     import taskbalance as tb
 
+    from ...data.metrics import trivial_references
     from ...train.loop import fit, seed_everything
     from ..runner import build_network
 
@@ -68,6 +69,8 @@ def fit_balancer(
         tasks=[task_record(t) for t in recorded.tasks],
         metrics=result.test,
         val_metrics=result.val,
+        test_metrics=result.test_metrics,
+        trivial_metrics=trivial_references(recorded),
         selected_epoch=result.selected_epoch,
         ms_per_step=finite_or_none(result.ms_per_step),
         peak_memory_mb=finite_or_none(result.peak_memory_mb),

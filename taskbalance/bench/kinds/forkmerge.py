@@ -97,7 +97,15 @@ def execute_forkmerge(spec: RunSpec, data: MultiTaskData, *, started: str, clock
     import torch
 
     from ...auxiliary import ForkMerge
-    from ...train.loop import evaluate, make_optimizer, peak_memory_mb, seed_everything, selection_score
+    from ...data.metrics import trivial_references
+    from ...train.loop import (
+        evaluate,
+        evaluate_metrics,
+        make_optimizer,
+        peak_memory_mb,
+        seed_everything,
+        selection_score,
+    )
     from ..runner import build_network
 
     options = dict(spec.hyperparameters)
@@ -144,7 +152,8 @@ def execute_forkmerge(spec: RunSpec, data: MultiTaskData, *, started: str, clock
     result = fm.fit()
     fit_seconds = time.perf_counter() - fit_started
     model = result.model
-    test, _ = evaluate(model, data.test, list(data.tasks), batch_size=config.eval_batch_size)
+    test_metrics, _ = evaluate_metrics(model, data.test, list(data.tasks), batch_size=config.eval_batch_size)
+    test = {t.name: test_metrics[t.name][t.metric] for t in data.tasks}
     val, _ = evaluate(model, data.val, list(data.tasks), batch_size=config.eval_batch_size)
     history = []
     ranking = [[name, score] for name, score in result.ranking] if result.ranking is not None else None
@@ -170,6 +179,8 @@ def execute_forkmerge(spec: RunSpec, data: MultiTaskData, *, started: str, clock
         tasks=[task_record(t) for t in data.tasks],
         metrics=test,
         val_metrics=val,
+        test_metrics=test_metrics,
+        trivial_metrics=trivial_references(data),
         selected_epoch=math.ceil(history[selected]["epoch"]) if history else None,
         ms_per_step=1000.0 * fit_seconds / total_steps,
         peak_memory_mb=finite_or_none(peak_memory_mb(torch.device("cpu"))),
