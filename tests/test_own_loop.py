@@ -12,7 +12,7 @@ from rich.console import Console
 import taskbalance
 from taskbalance.bench.executor import SerialExecutor
 from taskbalance.bench.store import ResultsStore
-from taskbalance.bench.study import Study, run_study, summarize
+from taskbalance.bench.study import Study, run_specs, summarize
 from taskbalance.bench.suites import MethodEntry, get_suite
 from taskbalance.bench.table import render_summary
 from taskbalance.data.tiny import tiny_data
@@ -43,7 +43,7 @@ def test_own_loop_runs_give_the_bench_report(tmp_path: Path):
     )
     specs = study.specs()
     with ResultsStore(tmp_path / "bench") as store:
-        run_study(specs, store, SerialExecutor())
+        run_specs(specs, store, SerialExecutor())
         bench_summary = summarize(store, specs)
         rows = [r for r in store.runs() if r.status == "done"]
         curves = {r.id: store.curves(r.id) for r in rows}

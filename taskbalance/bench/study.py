@@ -4,7 +4,7 @@
 
     study = Study.from_suite(get_suite("quick"))
     with ResultsStore("runs/quick") as store:
-        run_study(study.specs(), store, make_executor(workers=2))
+        run_specs(study.specs(), store, make_executor(workers=2))
         summary = summarize(store, study.specs())
 
 The driver process is the store's only writer. Runs already ``done`` in the store are skipped, so re-running a
