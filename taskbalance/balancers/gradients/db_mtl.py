@@ -99,8 +99,9 @@ class DBMTL(GradientBalancer):
         ema = log_gradients + rate * (history - log_gradients)
         self.ema.index_copy_(0, index, ema.to(self.ema.dtype))
         self.task_steps.index_copy_(0, index, steps)
-        norms = ema.norm(dim=1)
-        alpha = norms.max() / (norms + self.eps)
+        # norms in float64: the squares of a float32 gradient overflow from ~1e19 on (losses of 1e20)
+        norms = torch.linalg.vector_norm(ema, dim=1, dtype=torch.float64)
+        alpha = (norms.max() / (norms + self.eps)).to(ema.dtype)
         return Aggregation(weights=inverse, direction=alpha @ ema, extras={"alpha": alpha})
 
     def _prepare_load(self, state_dict: Mapping[str, Any], prefix: str) -> None:
