@@ -37,7 +37,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 from taskbalance.bench.executor import make_executor  # noqa: E402
 from taskbalance.bench.runner import load_dataset  # noqa: E402
 from taskbalance.bench.store import ResultsStore  # noqa: E402
-from taskbalance.bench.study import Study, run_study, summarize  # noqa: E402
+from taskbalance.bench.study import Study, run_specs, summarize  # noqa: E402
 from taskbalance.bench.suites import MethodEntry, Suite  # noqa: E402
 from taskbalance.train.config import TrainConfig  # noqa: E402
 
@@ -155,7 +155,7 @@ def run_group(group: Group, out: Path, workers: int) -> list[str]:
             print(f"  [{group.name} {i}/{n}] {result.spec.display} seed {result.spec.seed}: {result.status} "
                   f"in {result.wall_seconds:.0f} s", flush=True)
 
-        run_study(specs, store, make_executor(workers), on_result=progress)
+        run_specs(specs, store, make_executor(workers), on_result=progress)
         summary = summarize(store, specs, targets_only=study.targets_only)
     wall = time.perf_counter() - started
     per_seed = {s.label: s.transfer.delta_m_per_seed if s.transfer else [] for s in summary.methods}
