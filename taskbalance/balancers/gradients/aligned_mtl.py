@@ -10,6 +10,7 @@ import torch
 from ..base import Aggregation, GradientBalancer, GradientLevel, GradientStep
 from ..inputs import NonFinitePolicy
 from ..registry import register
+from ._solvers import finite_or_nan
 
 __all__ = ["AlignedMTL"]
 
@@ -54,7 +55,7 @@ class AlignedMTL(GradientBalancer):
         self.scale_mode: ScaleMode = scale_mode
 
     def aggregate(self, step: GradientStep) -> Aggregation:
-        gram = step.gramian
+        gram, finite = finite_or_nan(step.gramian)  # NaN out, never a raw LAPACK error
         k = gram.shape[0]
         eigenvalues, vectors = torch.linalg.eigh(gram)
         tol = eigenvalues.max() * k * torch.finfo(step.dtype).eps
@@ -72,4 +73,5 @@ class AlignedMTL(GradientBalancer):
         balance = (vectors * inv_sqrt) @ vectors.T * scale.clamp_min(0).sqrt()
         alpha = balance.sum(0)
         alpha = torch.where(kept.any(), alpha, torch.ones_like(alpha))
+        alpha = torch.where(finite, alpha, float("nan"))
         return Aggregation(alpha.to(step.dtype), extras={"rank": kept.sum()})

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from ..base import Aggregation, GradientBalancer, GradientLevel, GradientStep
 from ..inputs import NonFinitePolicy
 from ..registry import register
+from ._solvers import finite_or_nan
 
 __all__ = ["IMTLG", "IMTL", "imtl_g_weights"]
 
@@ -22,12 +23,17 @@ def imtl_g_weights(gram: Tensor, rtol: float) -> Tensor:
     The closed form of the paper (Eq. 11, ``α_{2:K} = g_1 Uᵀ (D Uᵀ)⁻¹``) asks for ``(Jα)·u_k`` equal for all
     unit gradients ``u_k`` with ``Σ α = 1``, i.e. ``M α = c n``; the pseudo-inverse form is TorchJD's
     generalisation to linearly dependent rows (Quinton & Rey 2024). ``rtol`` truncates small eigenvalues.
+    A non-finite Gramian gives NaN weights (never a raw LAPACK error; ``on_nonfinite="propagate"``).
     """
+    gram, finite = finite_or_nan(gram)
+    largest = gram.diagonal().max()  # scale-free: α is invariant to scaling M, the threshold below is not
+    gram = gram / torch.where(largest > 0, largest, torch.ones_like(largest))
     norms = gram.diagonal().clamp_min(0).sqrt()
     v = torch.linalg.pinv(gram, rtol=rtol, hermitian=True) @ norms
     total = v.sum()
     usable = total.abs() >= 1e-12
-    return torch.where(usable, v / torch.where(usable, total, torch.ones_like(total)), torch.zeros_like(v))
+    weights = torch.where(usable, v / torch.where(usable, total, torch.ones_like(total)), torch.zeros_like(v))
+    return torch.where(finite, weights, float("nan"))
 
 
 def _rtol(dtype: torch.dtype, k: int) -> float:

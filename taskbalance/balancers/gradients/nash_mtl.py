@@ -10,7 +10,7 @@ from torch import Tensor
 from ..base import Aggregation, GradientBalancer, GradientLevel, GradientStep
 from ..inputs import NonFinitePolicy
 from ..registry import register
-from ._solvers import nash_weights
+from ._solvers import finite_or_nan, nash_weights, warn_if_capped
 
 __all__ = ["NashMTL"]
 
@@ -31,12 +31,18 @@ class NashMTL(GradientBalancer):
     unclipped (the official code back-propagates ``Σ α_k L_k`` then clips the shared parameters only), so
     ``scale_heads = True``; the clip factor is in ``extras["clip_scale"]``.
 
-    Solver (**our choice**): instead of ``optim_niter = 20`` convex programs (CCP with cvxpy/ECOS), damped
-    Newton on the strictly convex ``½αᵀMα − Σ log α`` whose stationarity is exactly ``Mα = 1/α``
-    (:func:`~._solvers.nash_weights`), ``optim_niter`` iterations, with a ridge ``1e-10 · tr M/k``. Documented
-    tolerance: ``‖Mα − 1/α‖ < 1e-3`` (the official stopping rule); the residual is in ``extras``. When the
-    gradients conflict completely no positive solution exists; the ridge then yields large, balanced
-    ``α`` with a near-zero update.
+    Solver (**our choice**): instead of ``optim_niter = 20`` convex programs (CCP with cvxpy/ECOS), Newton on
+    the strictly convex ``½βᵀCβ − Σ log β`` whose stationarity is exactly ``Mα = 1/α`` (``α = β / √diag M``,
+    ``C`` the unit-diagonal Gramian; :func:`~._solvers.nash_weights`), warm-started from the previous ``α``,
+    iterated until the Newton decrement is below ``1e-10`` (``α`` exact to ~1e-10 relative, also with norms
+    spanning many orders of magnitude). ``optim_niter`` caps the Newton iterations (default 40: the fixed
+    budget on accelerators; on CPU a solve that hits it warns once). ``extras``: ``residual``
+    (``max |α_k (Mα)_k − 1|``), ``solver_converged`` and ``solved``.
+
+    **No bargaining solution** (no direction improves every task, e.g. two opposed gradients, or a zero
+    gradient): ``extras["solved"]`` is false and ``α`` solves the regularised game in which every task also
+    owns a small private direction (ridge 1e-4 on ``C``): bounded, and still favouring the tasks that conflict
+    least (**our choice**; the official code keeps whatever its solver returns).
 
     ``feature_level = "no"``: LibMTL refuses ``rep_grad`` and the paper reports it hurts badly.
     """
@@ -51,7 +57,7 @@ class NashMTL(GradientBalancer):
         *,
         max_norm: float = 1.0,
         update_weights_every: int = 1,
-        optim_niter: int = 20,
+        optim_niter: int = 40,
         gradients: GradientLevel = "parameters",
         on_nonfinite: NonFinitePolicy = "raise",
     ) -> None:
@@ -71,12 +77,18 @@ class NashMTL(GradientBalancer):
         index = step.index
         extras: dict[str, Tensor] = {}
         if self.step_count % self.update_weights_every == 0:
-            gram = step.gramian
+            gram, finite = finite_or_nan(step.gramian)
             norm = torch.linalg.matrix_norm(gram)
             gram = gram / torch.where(norm > 0, norm, torch.ones_like(norm))
-            alpha, residual = nash_weights(gram, self.alpha[index], iters=self.optim_niter)
-            self.alpha.index_copy_(0, index, alpha)
-            extras["residual"] = residual
+            solution = nash_weights(gram, self.alpha[index], iters=self.optim_niter)
+            warn_if_capped(self, solution.converged | ~finite, "Nash-MTL's Newton solver", "optim_niter")
+            alpha = solution.alpha
+            # never write a non-finite value into the state (NaN gradients under on_nonfinite="propagate")
+            kept = torch.where(finite & torch.isfinite(alpha).all(), alpha, self.alpha[index])
+            self.alpha.index_copy_(0, index, kept)
+            extras["residual"] = solution.residual
+            extras["solver_converged"] = solution.converged
+            extras["solved"] = solution.solved
         alpha = self.alpha[index]
         shared = alpha
         if self.max_norm > 0:

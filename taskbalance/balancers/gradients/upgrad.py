@@ -10,7 +10,7 @@ from torch import Tensor
 from ..base import Aggregation, GradientBalancer, GradientLevel, GradientStep
 from ..inputs import NonFinitePolicy
 from ..registry import register
-from ._solvers import dual_cone_weights
+from ._solvers import dual_cone_weights, finite_or_nan, warn_if_capped
 
 __all__ = ["UPGrad"]
 
@@ -29,7 +29,9 @@ class UPGrad(GradientBalancer):
     conditioned Gramian ``M / tr M + reg_eps·I`` (``0 + reg_eps·I`` if ``tr M < norm_eps``); weights are the
     sum of the ``k`` solutions. Defaults ``norm_eps = reg_eps = 1e-4`` (TorchJD, LibMTL). The ``k`` problems
     are solved in one batched active-set call on device (instead of ``k`` quadprog calls). The result has a
-    non-negative inner product with every task gradient (up to the ``reg_eps`` conditioning).
+    non-negative inner product with every task gradient (up to the ``reg_eps`` conditioning). The active-set
+    iteration stops when the active set repeats (KKT exact) on CPU, or after ``iters`` iterations (``0``:
+    ``2k + 10``; the fixed budget on accelerators; a CPU solve that hits it warns once).
 
     ``scale_heads = False``: TorchJD's ``mtl_backward`` gives every head its own gradient.
     ``feature_level = "no"``: LibMTL refuses ``rep_grad`` for UPGrad.
@@ -57,14 +59,17 @@ class UPGrad(GradientBalancer):
         self.iters = iters
 
     def aggregate(self, step: GradientStep) -> Aggregation:
-        gram = step.gramian
+        gram, finite = finite_or_nan(step.gramian)
         k = gram.shape[0]
         preferences = self._preferences(k, gram)
         projected, converged = dual_cone_weights(
             gram, preferences, iters=self.iters, norm_eps=self.norm_eps, reg_eps=self.reg_eps
         )
+        converged = converged.all()
+        warn_if_capped(self, converged | ~finite, f"{self.info.name}'s dual-cone solver", "iters")
         weights = projected.sum(0) if projected.dim() == 2 else projected
-        return Aggregation(weights.to(step.dtype), extras={"solver_converged": converged.all()})
+        weights = torch.where(finite, weights, float("nan"))
+        return Aggregation(weights.to(step.dtype), extras={"solver_converged": converged})
 
     def _preferences(self, k: int, gram: Tensor) -> Tensor:
         """The weight vectors projected onto the dual cone: ``e_i / k`` for every task (UPGrad)."""
