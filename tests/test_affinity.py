@@ -12,6 +12,8 @@ from taskbalance.data.base import MultiTaskData, Split
 from taskbalance.data.tasks import Task
 from taskbalance.diagnostics.affinity import (
     TaskAffinity,
+    affinity_colour_limit,
+    affinity_figure,
     best_partition,
     compute_task_affinity,
     grouping_score,
@@ -306,6 +308,29 @@ def test_compute_task_affinity_groups_identical_tasks():
     data = result.to_dict()
     assert data["groupings"][0]["groups"] == [["a", "b", "c"]]
     assert data["protocol"]["dataset"] == "tiny"
+
+
+def test_affinity_colour_scale_leaves_the_diagonal_out():
+    matrix = [[50.0, -0.5, 0.2], [0.4, 80.0, math.nan], [0.1, -0.3, 60.0]]
+    assert affinity_colour_limit(matrix) == 0.5  # not 80: self-affinity would wash the cross-task cells out
+    assert affinity_colour_limit([[3.0]]) == 1.0 and affinity_colour_limit([[2.0, 0.0], [0.0, 2.0]]) == 1.0
+    figure = affinity_figure(matrix, TASKS, annotate=False)
+    axes = figure.axes[0]
+    scaled = axes.images[-1]
+    assert scaled.get_clim() == (-0.5, 0.5)
+    assert np.ma.getmaskarray(scaled.get_array()).diagonal().all()  # the diagonal is not on the colour scale
+    figure.canvas.draw()
+    pixels = np.asarray(figure.canvas.buffer_rgba())
+    height = pixels.shape[0]
+
+    def colour(i: int, j: int) -> np.ndarray:  # the pixel at the centre of cell (row i, column j)
+        x, y = axes.transData.transform((j, i))
+        return pixels[int(round(height - y)), int(round(x)), :3].astype(int)
+
+    red = colour(0, 1)  # −0.5 (hurts) ends the scale: dark red, not the near-white it is on a ±80 scale
+    assert red[0] - red[1] > 80 and red[1] < 40
+    grey = colour(0, 0)
+    assert abs(int(grey[0]) - int(grey[2])) < 5 and 150 < grey[0] < 250
 
 
 def test_plot_affinity_writes_a_png(tmp_path):

@@ -24,7 +24,9 @@ from taskbalance.report.data import (
     confidence_interval,
     flatten_weights,
     mean_curve,
+    moving_average,
     relative_change_matrix,
+    smoothing_window,
     symmetric_limit,
 )
 from taskbalance.report.plots import HEATMAP_CMAP, heatmap_colours
@@ -183,6 +185,19 @@ def test_symmetric_limit_spans_the_largest_magnitude_of_either_sign():
 def test_flatten_weights_and_epoch_boundaries():
     rows, boundaries = flatten_weights([[[1, 2], [3, 4]], [[5, 6]], [[7, 8], [9, 0]]])
     assert rows == [[1, 2], [3, 4], [5, 6], [7, 8], [9, 0]] and boundaries == [2, 3]
+
+
+def test_weight_smoothing_is_a_centred_moving_average_that_skips_missing_values():
+    assert moving_average([1.0, 2.0, 3.0, 4.0, 5.0], 3) == pytest.approx([1.5, 2.0, 3.0, 4.0, 4.5])
+    assert moving_average([0.0, 10.0, 0.0, 10.0], 1) == [0.0, 10.0, 0.0, 10.0]
+    smoothed = moving_average([1.0, float("nan"), 3.0, float("nan")], 3)
+    assert smoothed[:3] == pytest.approx([1.0, 2.0, 3.0]) and smoothed[3] == 3.0
+    assert math.isnan(moving_average([float("nan")] * 3, 1)[1])
+    alternating = moving_average([0.0, 1.0] * 500, smoothing_window(1000))  # step-to-step jumps: the trend
+    assert max(alternating[20:-20]) - min(alternating[20:-20]) < 0.04
+    assert smoothing_window(9) == 1 and smoothing_window(48) == 7 and smoothing_window(1000) == 33
+    with pytest.raises(ValueError, match="odd"):
+        moving_average([1.0], 2)
 
 
 def test_mean_curve_averages_seeds_per_epoch_and_ignores_missing_values():

@@ -44,6 +44,8 @@ __all__ = [
     "AffinityResult",
     "Grouping",
     "TaskAffinity",
+    "affinity_colour_limit",
+    "affinity_figure",
     "best_partition",
     "compute_task_affinity",
     "grouping_score",
@@ -574,6 +576,18 @@ def _prediction(output: Tensor, size: int) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- plot
+def affinity_colour_limit(affinity: Tensor | np.ndarray | Sequence[Sequence[float]]) -> float:
+    """Half-range of the heatmap's symmetric colour scale: the largest finite ``|Z(i → j)|`` with ``i ≠ j``.
+
+    The diagonal (self-affinity) is left out; 1.0 when no off-diagonal cell is finite and non-zero.
+    """
+    matrix = _as_matrix(affinity)
+    values = matrix[~np.eye(matrix.shape[0], dtype=bool)]
+    finite = np.abs(values[np.isfinite(values)])
+    largest = float(finite.max()) if finite.size else 0.0
+    return largest if largest > 0 else 1.0
+
+
 def plot_affinity(
     affinity: Tensor | np.ndarray | Sequence[Sequence[float]],
     tasks: Sequence[str] | None,
@@ -585,9 +599,26 @@ def plot_affinity(
     """Save a heatmap of the affinity matrix as a PNG (needs matplotlib: ``pip install taskbalance[report]``).
 
     Rows are the task stepped on (``i``), columns the task whose loss is measured (``j``); the diverging
-    colour map is centred on 0 (blue: helps, red: hurts). NaN (never observed) cells are left blank.
-    Returns the path.
+    colour map is centred on 0 (blue: helps, red: hurts). Its range is set by the off-diagonal cells only
+    (:func:`affinity_colour_limit`): the self-affinities ``Z(i → i)`` are usually far larger and would wash
+    every cross-task cell out to white, so the diagonal is drawn in grey with its value written on it. NaN
+    (never observed) cells are left blank. Returns the path.
     """
+    figure = affinity_figure(affinity, tasks, title=title, annotate=annotate)
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(target, format="png", dpi=110)
+    return target
+
+
+def affinity_figure(
+    affinity: Tensor | np.ndarray | Sequence[Sequence[float]],
+    tasks: Sequence[str] | None,
+    *,
+    title: str = "Inter-task affinity Z(i → j)",
+    annotate: bool = True,
+) -> Any:
+    """The matplotlib ``Figure`` that :func:`plot_affinity` saves (Agg canvas attached)."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -597,14 +628,16 @@ def plot_affinity(
         affinity = affinity.detach().cpu().double().numpy()
     matrix = np.array(affinity, dtype=np.float64)
     names = _names(tasks, matrix.shape[0])
-    finite = matrix[np.isfinite(matrix)]
-    limit = float(np.abs(finite).max()) if finite.size else 1.0
-    limit = limit if limit > 0 else 1.0
+    limit = affinity_colour_limit(matrix)
     size = max(3.5, 0.6 * len(names) + 2.0)
     figure = Figure(figsize=(size + 1.0, size))
     FigureCanvasAgg(figure)
     axes = figure.add_subplot(1, 1, 1)
-    image = axes.imshow(np.ma.masked_invalid(matrix), cmap="RdBu", vmin=-limit, vmax=limit)
+    diagonal = np.eye(matrix.shape[0], dtype=bool)
+    grey = np.where(diagonal & np.isfinite(matrix), 1.0, np.nan)
+    axes.imshow(np.ma.masked_invalid(grey), cmap="Greys", vmin=0.0, vmax=4.0)  # light grey: not on the scale
+    off_diagonal = np.where(diagonal, np.nan, matrix)
+    image = axes.imshow(np.ma.masked_invalid(off_diagonal), cmap="RdBu", vmin=-limit, vmax=limit)
     axes.set_xticks(range(len(names)), labels=names, rotation=45, ha="right")
     axes.set_yticks(range(len(names)), labels=names)
     axes.set_xlabel("onto task j (loss measured)")
@@ -614,11 +647,9 @@ def plot_affinity(
         for i in range(len(names)):
             for j in range(len(names)):
                 if np.isfinite(matrix[i, j]):
+                    dark = i != j and abs(matrix[i, j]) > 0.6 * limit
                     axes.text(j, i, f"{matrix[i, j]:.2g}", ha="center", va="center", fontsize=8,
-                              color="white" if abs(matrix[i, j]) > 0.6 * limit else "black")
-    figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04)
+                              color="white" if dark else "black")
+    figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04, label="Z(i → j), i ≠ j (diagonal: grey)")
     figure.tight_layout()
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(target, format="png", dpi=110)
-    return target
+    return figure

@@ -17,7 +17,15 @@ from typing import Any
 
 import numpy as np
 
-from .data import Section, flatten_weights, mean_curve, relative_change_matrix, symmetric_limit
+from .data import (
+    Section,
+    flatten_weights,
+    mean_curve,
+    moving_average,
+    relative_change_matrix,
+    smoothing_window,
+    symmetric_limit,
+)
 
 __all__ = [
     "HEATMAP_CMAP",
@@ -167,7 +175,13 @@ def plot_transfer_heatmap(section: Section, path: Path) -> Path | str:
 
 
 def plot_weight_trajectories(section: Section, path: Path) -> Path | str:
-    """Per-task balancer weights over training steps, one panel per method (its lowest-seed run)."""
+    """Per-task balancer weights over training steps, one panel per method (its lowest-seed run).
+
+    Each task's weight is drawn twice: the raw per-step values faint and thin behind, and on top their
+    centred moving average (:func:`~taskbalance.report.data.moving_average`, window
+    :func:`~taskbalance.report.data.smoothing_window`: about √steps, our choice) — stochastic
+    methods (RLW, GradDrop, …) jump every step and would otherwise hide the trend.
+    """
     drawn = [(m, section.weights.get(m.label) or []) for m in section.methods]
     drawn = [(m, w) for m, w in drawn if any(len(epoch) for epoch in w)]
     if not drawn:
@@ -179,10 +193,14 @@ def plot_weight_trajectories(section: Section, path: Path) -> Path | str:
         axes = figure.add_subplot(rows, columns, index + 1)
         steps, boundaries = flatten_weights(weights)
         array = np.asarray(steps, dtype=float)
+        x = np.arange(1, len(array) + 1)
+        window = smoothing_window(len(array))
         for k, task in enumerate(section.task_names[: array.shape[1]]):
+            if window > 1:
+                axes.plot(x, array[:, k], color=colours[k], alpha=0.22, linewidth=0.6)
             axes.plot(
-                np.arange(1, len(array) + 1),
-                array[:, k],
+                x,
+                moving_average(array[:, k], window),
                 color=colours[k],
                 label=task,
                 linestyle=LINESTYLES[k % len(LINESTYLES)],
@@ -191,7 +209,8 @@ def plot_weight_trajectories(section: Section, path: Path) -> Path | str:
         for boundary in boundaries:
             axes.axvline(boundary + 0.5, color="#999999", linewidth=0.6, linestyle=":")
         axes.set_title(f"{view.label} (seed {view.representative_seed})", fontsize=9)
-        axes.set_xlabel("step (dotted: epoch boundaries)", fontsize=8)
+        smoothing = f"; lines: {window}-step mean, faint: raw" if window > 1 else ""
+        axes.set_xlabel(f"step (dotted: epochs{smoothing})", fontsize=8)
         axes.set_ylabel("weight", fontsize=8)
         axes.tick_params(labelsize=7)
         axes.grid(alpha=0.3)

@@ -380,7 +380,8 @@ _PLOTS: list[tuple[str, str, str, Callable[[Section, Path], Path | str]]] = [
     (
         "weights.png",
         "Weight trajectories",
-        "The balancer's weight of each task at every training step, for one run (lowest seed) per method.",
+        "The balancer's weight of each task over training, for one run (lowest seed) per method: a centred "
+        "moving average over about √(number of steps) steps, the raw per-step values faint behind.",
         plot_weight_trajectories,
     ),
     (
