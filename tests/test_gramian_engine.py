@@ -170,6 +170,36 @@ def test_cost_model_picks_b_side_for_a_wide_layer_and_small_batch():
     assert [layer.form for layer in step.layers] == ["direct"]
 
 
+@pytest.mark.parametrize("form", ["b_side", "direct"])
+def test_float32_products_summed_in_float64_on_a_wide_layer(form):
+    """Layers wider than one float32 chunk (1024 terms, with a remainder) and a long batch: the float32
+    products summed in float64 still equal the float64 Gramian of the float32 Jacobian."""
+    torch.manual_seed(0)
+    trunk = nn.Sequential(nn.Linear(40, 70), nn.Tanh(), nn.Linear(70, 45), nn.Tanh())
+    heads = [nn.Linear(45, 1) for _ in TASKS]
+    x = torch.randn(300, 40) + 0.5  # an offset: per-sample gradients larger than their mean
+    shared = list(trunk.parameters())
+
+    def roots() -> Tensor:
+        z = trunk(x)
+        return torch.stack([(h(z).squeeze(-1) - i).pow(2).mean() for i, h in enumerate(heads)])
+
+    jacobian = parameter_jacobian(roots(), shared).to(torch.float64)
+    step = GramianEngine(form=form).gramian(roots(), shared)
+    assert [layer.form for layer in step.layers] == [form, form]
+    assert relative(step.gramian, jacobian @ jacobian.T) < TOLERANCE[torch.float32]
+    assert torch.equal(step.gramian, step.gramian.T)
+
+
+def test_direct_form_layers_drop_their_output_gradients_once_their_gram_block_is_formed():
+    model = make_model("cnn", torch.float32)
+    x, y = make_batch("cnn", torch.float32, seed=0)
+    step = GramianEngine().gramian(torch.stack(list(losses_of(model, x, y).values())), shared_of(model))
+    direct = [layer for layer in step.layers if layer.form == "direct"]
+    assert direct
+    assert all(layer.deltas == [] and layer.inputs == [] and layer.per_task for layer in direct)
+
+
 def test_in_place_change_of_a_saved_input_is_refused_by_autograd():
     layer = nn.Linear(4, 4)
     x = torch.randn(3, 4, requires_grad=True)
