@@ -99,12 +99,19 @@ energies in meV): the reference of its Δm, used by ``qm9-paper`` for model sele
 study file ``studies/qm9-paper.toml`` holds the same values; a test checks they agree)."""
 
 
+BUILTIN = (
+    "demo", "quick", "aux", "aux-qm9", "qm9-paper", "multi-fashion", "fashion-reconstruct", "scales-1",
+    "scales-100",
+)
+"""Names of the shipped study files (``studies/<name>.toml``), in the order ``--suite`` lists them."""
+
+
 def _builtin() -> dict[str, Suite]:
     from .study_file import study_from_text
 
     folder = resources.files("taskbalance.bench") / "studies"
     out: dict[str, Suite] = {}
-    for name in ("demo", "quick", "aux", "aux-qm9", "qm9-paper"):
+    for name in BUILTIN:
         text = (folder / f"{name}.toml").read_text(encoding="utf-8")
         out[name] = study_from_text(text, f"built-in suite {name!r}")
     return out

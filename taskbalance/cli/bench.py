@@ -47,7 +47,7 @@ def _base_study(suite: str | None, study: Path | None) -> Any:
 def bench_command(
     study: Annotated[Path | None, typer.Option(help="a TOML study file (see --print-study)")] = None,
     suite: Annotated[
-        str | None, typer.Option(help="a built-in study: demo, quick, aux, aux-qm9, qm9-paper")
+        str | None, typer.Option(help="a built-in study (demo, quick, qm9-paper, ...; see --print-study)")
     ] = None,
     print_study: Annotated[
         bool, typer.Option("--print-study", help="print the study (after overrides) as TOML and exit")

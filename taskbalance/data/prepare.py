@@ -126,7 +126,8 @@ def assemble(
                 target = ((target.double() - mean_value) / std_value).to(torch.float32)
                 task = dataclasses.replace(task, scale=std_value, offset=mean_value)
             # masked entries are set to 0 so that no NaN ever reaches a loss (their weight is 0 anyway)
-            target = torch.where(masks[task.name], target, torch.zeros_like(target))
+            labelled = masks[task.name].reshape(-1, *([1] * (target.dim() - 1)))  # a vector target's rows
+            target = torch.where(labelled, target, torch.zeros_like(target))
         else:
             target = torch.where(masks[task.name], target.long(), torch.zeros_like(target.long()))
         new_tasks.append(task)

@@ -21,6 +21,7 @@ _LOADERS: dict[str, str | Loader] = {
     "qm9": "taskbalance.data.qm9:load_qm9",
     "qm9_graph": "taskbalance.data.qm9_graph:load_qm9_graph",
     "multi_fashion": "taskbalance.data.fashion:load_multi_fashion",
+    "fashion_reconstruct": "taskbalance.data.fashion_reconstruct:load_fashion_reconstruct",
     "gss_abortion": "taskbalance.data.gss:load_gss_abortion",
     "synthetic_scales": "taskbalance.data.synthetic:synthetic_scales",
     "synthetic_mmoe": "taskbalance.data.synthetic:synthetic_mmoe",

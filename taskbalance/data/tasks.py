@@ -36,6 +36,10 @@ class Task:
             back to original units for the metric.
         offset: the training mean subtracted from a standardised regression target; a prediction in original
             units is ``prediction * scale + offset``.
+        dim: number of outputs of a regression task (default 1). With ``dim > 1`` the target is a vector per
+            sample, ``(N, dim)`` (e.g. the pixels of an image to reconstruct); the training loss is the mean
+            squared error over the vector and MAE/RMSE run over all its entries (our extension: the library's
+            other tasks are scalar).
     """
 
     name: str
@@ -47,12 +51,17 @@ class Task:
     unit: str = ""
     scale: float = 1.0
     offset: float = 0.0
+    dim: int = 1
 
     def __post_init__(self) -> None:
         if self.kind not in METRICS:
             raise ValueError(f"task {self.name!r}: kind must be one of {sorted(METRICS)}, got {self.kind!r}")
         if self.kind == "multiclass" and (self.num_classes is None or self.num_classes < 2):
             raise ValueError(f"task {self.name!r}: a multiclass task needs num_classes >= 2")
+        if isinstance(self.dim, bool) or not isinstance(self.dim, int) or self.dim < 1:
+            raise ValueError(f"task {self.name!r}: dim must be a positive integer, got {self.dim!r}")
+        if self.dim > 1 and self.kind != "regression":
+            raise ValueError(f"task {self.name!r}: dim > 1 (a vector target) is for regression tasks only")
         if self.role not in ("target", "auxiliary"):
             raise ValueError(f"task {self.name!r}: role must be 'target' or 'auxiliary', got {self.role!r}")
         if not self.metric:
@@ -80,7 +89,9 @@ class Task:
     @property
     def output_size(self) -> int:
         """Number of model outputs the task's head produces."""
-        return self.num_classes if self.kind == "multiclass" and self.num_classes else 1
+        if self.kind == "multiclass" and self.num_classes:
+            return self.num_classes
+        return self.dim if self.kind == "regression" else 1
 
     def loss(self, prediction: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
         """Mean training loss over the labelled samples (``mask`` true); 0-d tensor.
@@ -89,7 +100,9 @@ class Task:
         such a task out of the step instead; see :func:`taskbalance.data.present_losses`).
         """
         if self.kind == "regression":
-            per_sample = (prediction.reshape(-1) - target.reshape(-1).to(prediction.dtype)) ** 2
+            rows = target.shape[0] if target.dim() else 1
+            error = prediction.reshape(rows, -1) - target.reshape(rows, -1).to(prediction.dtype)
+            per_sample = (error**2).mean(dim=1)  # one value per sample, also for a vector target
         elif self.kind == "binary":
             per_sample = F.binary_cross_entropy_with_logits(
                 prediction.reshape(-1), target.reshape(-1).to(prediction.dtype), reduction="none"
@@ -111,7 +124,9 @@ class Task:
         :func:`taskbalance.data.metrics.task_metrics` instead (AUROC and F1 cannot be streamed as sums).
         """
         if self.kind == "regression":
-            values = (prediction.reshape(-1) - target.reshape(-1).to(prediction.dtype)).abs() * self.scale
+            rows = target.shape[0] if target.dim() else 1
+            error = prediction.reshape(rows, -1) - target.reshape(rows, -1).to(prediction.dtype)
+            values = error.abs().mean(dim=1) * self.scale
         elif self.kind == "binary":
             values = ((prediction.reshape(-1) > 0).long() == target.reshape(-1).long()).to(torch.float32)
         else:

@@ -1,0 +1,70 @@
+"""CPU suites where negative transfer is known: their protocols, their qualitative outcome at small sizes."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from test_data_fashion import _write_fashion
+
+from taskbalance.bench.driver import run_study
+from taskbalance.bench.executor import make_executor
+from taskbalance.bench.runner import RunSpec, execute
+from taskbalance.bench.suites import get_suite, parse_methods, split_available
+
+
+def test_the_transfer_suites_hold_their_protocols() -> None:
+    for name, dataset, arch in (
+        ("multi-fashion", "multi_fashion", "cnn"),
+        ("fashion-reconstruct", "fashion_reconstruct", "cnn"),
+        ("scales-1", "synthetic_scales", "mlp"),
+        ("scales-100", "synthetic_scales", "mlp"),
+    ):
+        suite = get_suite(name)
+        assert (suite.dataset, suite.arch, suite.baselines) == (dataset, arch, True)
+        assert split_available(suite.methods)[1] == []  # every method is registered
+        assert {"ew", "si", "famo"} <= {m.method for m in suite.methods}
+    assert get_suite("scales-1").dataset_options["scales"] == [1.0, 1.0]
+    assert get_suite("scales-100").dataset_options["scales"] == [1.0, 100.0]
+
+
+@pytest.mark.parametrize("name", ["multi-fashion", "fashion-reconstruct"])
+def test_the_fashion_suites_run_end_to_end_on_tiny_idx_files(tmp_path: Path, name: str) -> None:
+    _write_fashion(tmp_path / "idx", n_train=40, n_test=10)
+    suite = get_suite(name)
+    options = {"data_dir": str(tmp_path / "idx")}
+    for method in ("ew", "si"):
+        spec = RunSpec(
+            dataset=suite.dataset, method=method, seed=0, dataset_options=options, arch=suite.arch,
+            train={**suite.train.to_dict(), "epochs": 1},
+        )
+        result = execute(spec)
+        assert result.status == "done", result.error
+        assert result.steps == 1 and all(math.isfinite(v) for v in result.metrics.values())
+
+
+def _task_mae(name: str, methods: str, tmp_path: Path) -> dict[str, dict[str, float]]:
+    """Test MAE per task for the single-task baselines (``"stl"``) and each method, one seed."""
+    suite = replace(get_suite(name), methods=parse_methods(methods), seeds=1)
+    outcome = run_study(suite, tmp_path / name, executor=make_executor(1, "serial"))
+    assert not outcome.summary.failed
+    assert outcome.summary.baseline is not None
+    out = {"stl": outcome.summary.baseline.metric_mean}
+    out.update({m.label: m.metric_mean for m in outcome.summary.methods})
+    return out
+
+
+@pytest.mark.slow
+def test_gradnorm_scales_equal_weights_transfer_negatively_only_under_a_scale_mismatch(
+    tmp_path: Path,
+) -> None:
+    """σ = (1, 100): EW doubles the σ = 1 task's error against its single-task baseline; SI's log-losses keep
+    it at the baseline. σ = (1, 1): EW costs the same task little."""
+    mismatch = _task_mae("scales-100", "ew,si", tmp_path)
+    stl = mismatch["stl"]["task_0"]
+    assert mismatch["ew"]["task_0"] > 1.5 * stl
+    assert mismatch["si"]["task_0"] < 1.1 * stl
+    equal = _task_mae("scales-1", "ew", tmp_path)
+    assert equal["ew"]["task_0"] < 1.1 * equal["stl"]["task_0"]
