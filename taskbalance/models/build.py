@@ -10,17 +10,30 @@ from torch import nn
 
 from ..data.base import MultiTaskData
 from .base import MultiTaskModel, make_head
+from .cross_stitch import CrossStitch
+from .dselect_k import DSelectK
 from .mmoe import MMoE
+from .ple import PLE
 from .tiny import TinyModel
 from .trunks import ConvTrunk, MLPTrunk
 
 __all__ = ["build_model", "ARCHITECTURES"]
 
-ARCHITECTURES = ("auto", "mlp", "cnn", "qm9", "mmoe", "mpnn", "tiny")
+ARCHITECTURES = (
+    "auto", "mlp", "cnn", "qm9", "mmoe", "mpnn", "tiny", "cross-stitch", "cgc", "ple", "dselect-k"
+)
 _DEFAULT_ARCH = {"qm9": "qm9", "qm9_graph": "mpnn", "tiny": "tiny"}
 """``arch="auto"`` by dataset name (``cnn`` for image inputs, ``mlp`` for the rest)."""
 _MODEL_CLASSES = {"tiny": TinyModel}
 """Architectures that are one model class taking ``(data, **options)`` (options: the class's ``DEFAULTS``)."""
+_EXPERTS: dict[str, Any] = {"expert_hidden": (64,), "expert_size": 32, "head_hidden": (), "act": "relu"}
+_FLAT_MODELS: dict[str, tuple[Any, dict[str, Any]]] = {
+    "cross-stitch": (CrossStitch, {"hidden": (64, 64), "head_hidden": (), "act": "relu"}),
+    "cgc": (PLE, {"levels": 1, "task_experts": 1, "shared_experts": 2, **_EXPERTS}),
+    "ple": (PLE, {"levels": 2, "task_experts": 1, "shared_experts": 2, **_EXPERTS}),
+    "dselect-k": (DSelectK, {"num_experts": 8, "k": 2, "gamma": 1.0, **_EXPERTS}),
+}
+"""Expert and multi-column architectures over flat inputs: ``(class, default options)``."""
 
 
 def _hard_sharing(
@@ -55,6 +68,13 @@ def build_model(data: MultiTaskData, arch: str = "auto", **options: Any) -> Mult
     * ``"mpnn"`` — the message-passing network of the published QM9 protocol for graph datasets
       (``qm9_graph``): NNConv + GRU × 3 + Set2Set, linear heads (``channels=64``, ``edge_hidden=128``,
       ``steps=3``, ``set2set_steps=3``); see :mod:`taskbalance.models.mpnn`;
+    * ``"cross-stitch"`` — one MLP column per task mixed by learnt cross-stitch units after every layer
+      (``hidden=(64, 64)``); see :mod:`taskbalance.models.cross_stitch`;
+    * ``"cgc"`` / ``"ple"`` — Customized Gate Control / Progressive Layered Extraction (``levels=1`` / ``2``,
+      ``task_experts=1``, ``shared_experts=2``, ``expert_hidden=(64,)``, ``expert_size=32``); see
+      :mod:`taskbalance.models.ple`;
+    * ``"dselect-k"`` — MMoE with DSelect-k gates (``num_experts=8``, ``k=2``, ``gamma=1.0``, expert options
+      as MMoE); see :mod:`taskbalance.models.dselect_k`;
     * ``"tiny"`` — the 2-layer tanh MLP of the ``tiny`` test dataset (``width=16``, ``dropout=0.0``);
     * ``"auto"`` — ``cnn`` for image inputs ``(C, H, W)``, ``qm9`` for the ``qm9`` dataset, ``mpnn`` for
       ``qm9_graph``, ``tiny`` for ``tiny``, ``mlp`` otherwise.
@@ -77,6 +97,9 @@ def build_model(data: MultiTaskData, arch: str = "auto", **options: Any) -> Mult
             )
         return {**allowed, **opts}
 
+    if arch in _FLAT_MODELS:
+        model_class, model_defaults = _FLAT_MODELS[arch]
+        return model_class(data.tasks, in_features, **take(model_defaults))  # type: ignore[no-any-return]
     if arch in _MODEL_CLASSES:
         return _MODEL_CLASSES[arch](data, **take(_MODEL_CLASSES[arch].DEFAULTS))
     if arch in ("mlp", "qm9"):
