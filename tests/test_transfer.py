@@ -208,6 +208,19 @@ def test_adding_baseline_seeds_never_changes_a_verdict_silently():
     assert "baseline seeds {2, 3, 4}" in more.seed_note and "matched seeds {0, 1}" in more.seed_note
 
 
+def test_a_task_without_a_finite_baseline_does_not_unpair_the_other_tasks():
+    auroc = Task("rare", "binary", metric="auroc")  # AUROC is nan when the test split holds one class
+    nan = float("nan")
+    method = {s: {"rare": nan, "energy": 1.0 + 0.01 * s} for s in range(3)}
+    baselines = {"rare": {s: nan for s in range(3)}, "energy": {s: 1.2 + 0.012 * s for s in range(3)}}
+    summary = compare_to_baselines(method, baselines, [auroc, MAE])
+    assert summary.paired and summary.matched_seeds == [0, 1, 2]
+    assert summary.tasks["energy"].test == "paired t"
+    assert summary.tasks["rare"].verdict == "insufficient seeds"
+    assert "no finite single-task value for rare" in summary.seed_note
+    assert "no seed in common" not in summary.seed_note
+
+
 def test_no_common_seed_falls_back_to_welch_with_a_note():
     summary = compare_to_baselines(
         {10: {"energy": 2.0}, 11: {"energy": 2.2}}, {"energy": {0: 4.0, 1: 4.1}}, [MAE], correction="none"

@@ -303,18 +303,24 @@ def _plan(runs: MethodRuns, baselines: Mapping[str, SeedSample], scored: Sequenc
     typed_runs: dict[int, Mapping[str, float]] = {s: r for s, r in method.items()}  # type: ignore[misc]
     if not (method_seeded and base_seeded):
         return _Plan(typed_runs, base, False, "seeds not given: unpaired Welch test on all runs")
+    # a task whose baselines have no finite value (e.g. AUROC on a test split with one class) cannot be
+    # compared on any seed; it must not empty the matched seeds of the other tasks
+    undefined = [t.name for t in scored if not base.get(t.name)]
+    defined = [t for t in scored if base.get(t.name)]
+    undefined_note = (
+        f"no finite single-task value for {', '.join(undefined)} (e.g. AUROC of a test split with one "
+        "class): no verdict there" if undefined else ""
+    )
     common = set(typed_runs)
-    for task in scored:
+    for task in defined:
         common &= set(base.get(task.name, {}))
-    all_base = set().union(*(set(base.get(t.name, {})) for t in scored)) if scored else set()
-    if not common:
-        return _Plan(
-            typed_runs,
-            base,
-            False,
+    all_base = set().union(*(set(base.get(t.name, {})) for t in defined)) if defined else set()
+    if not common or not defined:
+        note = (
             f"no seed in common with the baselines (method seeds {_seed_list(set(typed_runs))}, baseline "
-            f"seeds {_seed_list(all_base)}): unpaired Welch test on all seeds",
+            f"seeds {_seed_list(all_base)}): unpaired Welch test on all seeds"
         )
+        return _Plan(typed_runs, base, False, "; ".join(n for n in (undefined_note, note) if n))
     unused_method = set(typed_runs) - common
     unused_base = all_base - common
     note = ""
@@ -325,6 +331,7 @@ def _plan(runs: MethodRuns, baselines: Mapping[str, SeedSample], scored: Sequenc
         if unused_base:
             parts.append(f"baseline seeds {_seed_list(unused_base)} (no run of this method)")
         note = f"compared on the matched seeds {_seed_list(common)} only; not used: " + ", ".join(parts)
+    note = "; ".join(n for n in (undefined_note, note) if n)
     return _Plan(
         {s: typed_runs[s] for s in sorted(common)},
         {name: {s: v for s, v in values.items() if s in common} for name, values in base.items()},
