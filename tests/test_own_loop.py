@@ -97,3 +97,32 @@ def test_report_md_escapes_html_in_user_names(tmp_path: Path):
     assert "<img" not in markdown and "<script" not in markdown and "<b>" not in markdown
     assert "&lt;img src=x onerror=alert(1)&gt;" in markdown
     assert "<img src=x" not in page and "<script" not in page
+
+
+def test_report_after_adding_baseline_seeds_keeps_the_verdicts_and_says_so(tmp_path: Path):
+    from typer.testing import CliRunner
+
+    from taskbalance.cli import app
+    from taskbalance.data import Task
+
+    tasks = [Task("energy", "regression")]
+    log = taskbalance.StudyLog(tmp_path, tasks=tasks)
+    base = {s: 1.0 + 0.02 * ((s * 7) % 5) for s in range(5)}
+    for seed in (0, 1, 2):
+        log.add_baseline("energy", seed, {"energy": base[seed]})
+        log.add_run("pcgrad", seed, {"energy": base[seed] + 0.04 + 0.003 * seed})
+    before = log.summary().methods[0].transfer
+    first = CliRunner().invoke(app, ["report", str(tmp_path)])
+    assert first.exit_code == 0, first.output
+    for seed in (3, 4):  # more baseline seeds, no new pcgrad run
+        log.add_baseline("energy", seed, {"energy": base[seed]})
+    after = log.summary().methods[0].transfer
+    assert before is not None and after is not None
+    assert after.tasks["energy"].verdict == before.tasks["energy"].verdict
+    assert after.tasks["energy"].p_value == pytest.approx(before.tasks["energy"].p_value)
+    assert after.delta_m == pytest.approx(before.delta_m)
+    again = CliRunner().invoke(app, ["report", str(tmp_path)])
+    assert again.exit_code == 0, again.output
+    conclusion_line = again.output.strip().splitlines()[-1]
+    assert conclusion_line.startswith("Conclusion: ") and "seed sets differ for pcgrad" in conclusion_line
+    assert "baseline seeds {3, 4} (no run of this method)" in (tmp_path / "report.md").read_text()
