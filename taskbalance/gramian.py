@@ -52,7 +52,6 @@ approximation (our extension, in the spirit of the "shared-representation" appro
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
@@ -61,10 +60,10 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import GradientEdge, Node
 
+from .batching import Batching, BatchingChoice
+
 __all__ = ["GramianEngine", "GramianStep", "linear_costs", "embedding_costs"]
 
-Batching = Literal["vmap", "loop"]
-_TRIALS = 2  # steps timed per batching mode before the faster is kept (the best of each counts)
 _F64 = torch.float64
 
 
@@ -335,15 +334,12 @@ class GramianEngine:
     ) -> None:
         if last_layers is not None and last_layers < 1:
             raise ValueError(f"last_layers must be a positive number of layers or None, got {last_layers}")
-        if batching not in ("auto", "vmap", "loop"):
-            raise ValueError(f"batching must be 'auto', 'vmap' or 'loop', got {batching!r}")
         if form not in ("auto", "b_side", "direct"):
             raise ValueError(f"form must be 'auto', 'b_side' or 'direct', got {form!r}")
         self.last_layers = last_layers
         self.batching = batching
         self.form = form
-        self._chosen: dict[tuple, Batching] = {}
-        self._timings: dict[tuple, dict[Batching, list[float]]] = {}
+        self._batching = BatchingChoice(batching)
         self._eye: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}
 
     # ------------------------------------------------------------------ public
@@ -471,31 +467,11 @@ class GramianEngine:
         self, roots: Tensor, inputs: Sequence[GradientEdge | Tensor], signature: tuple, retain: bool
     ) -> list[Tensor]:
         key = (signature, roots.shape[0], roots.device.type)
-        mode: Batching | None = self._chosen.get(key) if self.batching == "auto" else self.batching
-        if mode is None:  # first steps of this graph shape: alternate, time, then keep the faster
-            timings = self._timings.setdefault(key, {"loop": [], "vmap": []})
-            candidate: Batching = "vmap" if len(timings["vmap"]) < len(timings["loop"]) else "loop"
-            _sync(roots)
-            start = time.perf_counter()
-            try:
-                result = self._run(roots, inputs, candidate, retain=True)
-            except RuntimeError:
-                if candidate == "loop":
-                    raise
-                self._chosen[key] = "loop"  # no batching rule for some op: remember
-                return self._run(roots, inputs, "loop", retain=retain)
-            _sync(roots)
-            timings[candidate].append(time.perf_counter() - start)
-            if len(timings["vmap"]) >= _TRIALS:
-                self._chosen[key] = min(timings, key=lambda m: min(timings[m]))  # type: ignore[arg-type]
-            return result
-        try:
-            return self._run(roots, inputs, mode, retain=retain)
-        except RuntimeError as error:
-            if mode == "loop" or "backward through the graph a second time" in str(error):
-                raise
-            self._chosen[key] = "loop"  # no batching rule for some op: remember
-            return self._run(roots, inputs, "loop", retain=retain)
+
+        def call(mode: Batching, trial: bool) -> list[Tensor]:
+            return self._run(roots, inputs, mode, retain=retain or trial)
+
+        return self._batching.run(key, call, roots, _second_backward)
 
     def _run(self, roots: Tensor, inputs: Sequence[GradientEdge | Tensor], mode: Batching, retain: bool
              ) -> list[Tensor]:
@@ -513,6 +489,10 @@ class GramianEngine:
             for i in range(k)  # loop over tasks: chosen because it measured faster than vmap here
         ]
         return [torch.stack([row[j] for row in rows]) for j in range(len(inputs))]
+
+
+def _second_backward(error: RuntimeError) -> bool:
+    return "backward through the graph a second time" in str(error)
 
 
 def _reduce(
@@ -563,11 +543,6 @@ def _direct_rows(layer: _Layer, k: int) -> list[Tensor]:
     indices = torch.cat([i.reshape(-1) for i in layer.inputs])
     delta = _mask_padding(layer, indices, torch.cat([d.reshape(k, -1, d.shape[-1]) for d in layer.deltas], 1))
     return [delta.new_zeros((k, *weight.shape)).index_add_(1, indices, delta)]
-
-
-def _sync(like: Tensor) -> None:
-    if like.device.type == "cuda":
-        torch.cuda.synchronize(like.device)
 
 
 def _saved_input(use: _Use) -> Tensor:

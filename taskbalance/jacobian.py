@@ -9,7 +9,10 @@ Two entry points, both batched over tasks in a single autograd call
   (:func:`backward_through`).
 
 Where an operation has no batching rule and the batched call fails, both fall back to a loop of
-``autograd.grad`` calls and warn once. Nothing here leaves the tensors' device.
+``autograd.grad`` calls and warn once. :func:`batched_jacobian` takes a
+:class:`taskbalance.batching.BatchingChoice` to use a loop over the tasks instead where it measured faster
+(convolutions on CPU), chosen over the first steps of each shape and remembered. Nothing here leaves the
+tensors' device.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor
+
+from .batching import Batching, BatchingChoice
 
 __all__ = [
     "batched_jacobian",
@@ -56,48 +61,79 @@ def _warn_fallback(error: Exception) -> None:
 
 
 def _batched_grads(
-    losses: Tensor, inputs: Sequence[Tensor], retain_graph: bool
+    losses: Tensor, inputs: Sequence[Tensor], retain_graph: bool, batching: BatchingChoice | None = None
 ) -> list[Tensor | None]:
     """Rows ``∂ losses[k] / ∂ inputs`` for every k, one tensor ``(K, *input.shape)`` per input, or ``None``
-    for an input that no loss reaches."""
+    for an input that no loss reaches. With ``batching``, vmap or a loop over the tasks as it measured faster
+    for these shapes (chosen once, remembered); without, vmap (a loop only where vmap raises, with a
+    warning)."""
     if losses.dim() != 1:
         raise ValueError(f"expected a 1-d vector of task losses, got shape {tuple(losses.shape)}")
-    k = losses.shape[0]
+    if batching is not None:
+        key = (tuple(tuple(x.shape) for x in inputs), losses.shape[0], losses.device.type)
+
+        def call(mode: Batching, trial: bool) -> list[Tensor | None]:
+            if mode == "vmap":
+                return _vmapped(losses, inputs, retain_graph or trial)
+            return _looped(losses, inputs, retain_graph or trial)
+
+        return batching.run(key, call, losses, _callers_error)
     try:
-        grads = torch.autograd.grad(
-            losses,
-            list(inputs),
-            grad_outputs=_eye(k, losses),
-            retain_graph=retain_graph,
-            is_grads_batched=True,
-            allow_unused=True,
-        )
+        return _vmapped(losses, inputs, retain_graph)
     except RuntimeError as error:
-        if "does not require grad" in str(error) or "backward through the graph a second time" in str(error):
+        if _callers_error(error):
             raise
         _warn_fallback(error)
-        rows = [
-            torch.autograd.grad(losses[i], list(inputs), retain_graph=True, allow_unused=True)
-            for i in range(k)  # fallback only: batching was impossible
-        ]
-        return [
-            None
-            if all(row[j] is None for row in rows)
-            else torch.stack([row[j] if row[j] is not None else torch.zeros_like(x) for row in rows])
-            for j, x in enumerate(inputs)
-        ]
+        return _looped(losses, inputs, True)
+
+
+def _callers_error(error: RuntimeError) -> bool:
+    return "does not require grad" in str(error) or "backward through the graph a second time" in str(error)
+
+
+def _vmapped(losses: Tensor, inputs: Sequence[Tensor], retain_graph: bool) -> list[Tensor | None]:
+    grads = torch.autograd.grad(
+        losses,
+        list(inputs),
+        grad_outputs=_eye(losses.shape[0], losses),
+        retain_graph=retain_graph,
+        is_grads_batched=True,
+        allow_unused=True,
+    )
     return list(grads)
 
 
+def _looped(losses: Tensor, inputs: Sequence[Tensor], retain_graph: bool) -> list[Tensor | None]:
+    k = losses.shape[0]
+    rows = [
+        torch.autograd.grad(
+            losses[i], list(inputs), retain_graph=retain_graph or i < k - 1, allow_unused=True
+        )
+        for i in range(k)  # a loop over tasks: where it measured faster than vmap, or vmap was impossible
+    ]
+    return [
+        None
+        if all(row[j] is None for row in rows)
+        else torch.stack([row[j] if row[j] is not None else torch.zeros_like(x) for row in rows])
+        for j, x in enumerate(inputs)
+    ]
+
+
 def batched_jacobian(
-    losses: Tensor, inputs: Sequence[Tensor], *, retain_graph: bool = True
+    losses: Tensor,
+    inputs: Sequence[Tensor],
+    *,
+    retain_graph: bool = True,
+    batching: BatchingChoice | None = None,
 ) -> tuple[Tensor, list[int]]:
     """Per-task gradients of ``losses`` (shape ``(K,)``) w.r.t. ``inputs`` as a ``K × N`` matrix, and the
     positions of the inputs that no loss reaches (their entries are zeros).
 
     The unreached positions come from autograd's ``allow_unused`` answer: knowing them costs nothing extra.
+    ``batching`` (a :class:`taskbalance.batching.BatchingChoice`): vmap or a loop over the tasks, whichever
+    measured faster for these shapes over the first steps; ``None``: vmap.
     """
-    grads = _batched_grads(losses, inputs, retain_graph)
+    grads = _batched_grads(losses, inputs, retain_graph, batching)
     k = losses.shape[0]
     unreached = [j for j, g in enumerate(grads) if g is None]
     rows = [

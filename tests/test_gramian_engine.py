@@ -217,8 +217,8 @@ def test_batching_is_chosen_once_per_graph_shape():
     for seed in range(6):
         x, y = make_batch("cnn", torch.float32, seed)
         engine.gramian(torch.stack(list(losses_of(model, x, y).values())), shared_of(model))
-    assert len(engine._chosen) == 1
-    assert next(iter(engine._chosen.values())) in ("vmap", "loop")
+    assert len(engine._batching.chosen) == 1
+    assert next(iter(engine._batching.chosen.values())) in ("vmap", "loop")
 
 
 # ---------------------------------------------------------------------------------- whole balancer steps

@@ -37,6 +37,7 @@ from typing import Any, ClassVar, Literal, Protocol
 import torch
 from torch import Tensor, nn
 
+from ..batching import BatchingChoice
 from ..gramian import GramianEngine
 from ..jacobian import accumulate_grad, backward_through, batched_jacobian, reachable_leaves
 from ..record import StepRecord
@@ -519,6 +520,7 @@ class GradientBalancer(Balancer):
             )
         self.gradients: GradientLevel = gradients
         self._index_cache: dict[tuple[int, ...], Tensor] = {}
+        self._batching = BatchingChoice()  # loop or vmap for the Jacobian, measured per shape
         self._verified_trunks: set[tuple[int, ...]] = set()  # shared= sets known to compute features=
 
     def aggregate(self, step: GradientStep) -> Aggregation:
@@ -668,7 +670,7 @@ class GradientBalancer(Balancer):
         roots = batch.present_values
         inputs = feature_list if feature_list is not None else shared_list
         assert inputs is not None  # _trainable_shared / _checked_features made sure
-        jacobian, unreached = batched_jacobian(self._scaled(roots), inputs)
+        jacobian, unreached = batched_jacobian(self._scaled(roots), inputs, batching=self._batching)
         if feature_list is not None and unreached:
             raise ValueError(
                 f"{self.info.name}: features= is not in the losses' graph (the heads read another tensor: "

@@ -1,0 +1,90 @@
+"""Loop or vmap: how the ``k`` per-task backward passes of a step are batched, measured per graph shape.
+
+A vmapped vector-Jacobian product (``torch.autograd.grad(..., is_grads_batched=True)``) runs the ``k``
+backward passes as one; a loop runs them one after the other. Which is faster depends on the operations
+(vmapped convolution input-gradients are several times slower than a loop on CPU; on small MLPs vmap wins).
+:class:`BatchingChoice` alternates the two over the first steps of a given shape key, times each (the best of
+:data:`TRIALS` each counts; the clock is read, never the tensors, so nothing is copied to the host) and keeps
+the faster for that key. A mode that raises (an operation without a batching rule) is remembered as loop.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Hashable
+from typing import Literal, TypeVar
+
+import torch
+from torch import Tensor
+
+__all__ = ["Batching", "BatchingChoice", "TRIALS"]
+
+Batching = Literal["vmap", "loop"]
+TRIALS = 2  # steps timed per mode before the faster is kept
+_MAX_KEYS = 256  # shapes remembered (a model whose shapes change every step does not grow this without bound)
+Result = TypeVar("Result")
+
+
+class BatchingChoice:
+    """Chooses and remembers ``"vmap"`` or ``"loop"`` per shape key.
+
+    Args:
+        mode: ``"auto"`` (time both over the first steps of each key, keep the faster), ``"vmap"`` or
+            ``"loop"`` (always that one; vmap still falls back to the loop where it raises).
+    """
+
+    def __init__(self, mode: Literal["auto", "vmap", "loop"] = "auto") -> None:
+        if mode not in ("auto", "vmap", "loop"):
+            raise ValueError(f"batching must be 'auto', 'vmap' or 'loop', got {mode!r}")
+        self.mode = mode
+        self.chosen: dict[Hashable, Batching] = {}
+        self.timings: dict[Hashable, dict[Batching, list[float]]] = {}
+
+    def run(
+        self,
+        key: Hashable,
+        call: Callable[[Batching, bool], Result],
+        like: Tensor,
+        reraise: Callable[[RuntimeError], bool] = lambda error: False,
+    ) -> Result:
+        """``call(mode, retain)`` in the chosen mode. While timing, ``retain=True`` (a vmap trial that raises
+        must leave the graph for the loop); otherwise ``retain=False`` and the caller decides. ``reraise``
+        says which errors of the vmap mode are the caller's (not a missing batching rule)."""
+        fixed = self.chosen.get(key) if self.mode == "auto" else self.mode
+        if fixed is not None:
+            if fixed == "loop":
+                return call("loop", False)
+            try:
+                return call("vmap", False)
+            except RuntimeError as error:
+                if reraise(error):
+                    raise
+                self._remember(key, "loop")
+                return call("loop", False)
+        timings = self.timings.setdefault(key, {"loop": [], "vmap": []})
+        candidate: Batching = "vmap" if len(timings["vmap"]) < len(timings["loop"]) else "loop"
+        _sync(like)
+        start = time.perf_counter()
+        try:
+            result = call(candidate, True)
+        except RuntimeError as error:
+            if candidate == "loop" or reraise(error):
+                raise
+            self._remember(key, "loop")
+            return call("loop", False)
+        _sync(like)
+        timings[candidate].append(time.perf_counter() - start)
+        if len(timings["vmap"]) >= TRIALS:
+            self._remember(key, min(timings, key=lambda m: min(timings[m])))  # type: ignore[arg-type]
+        return result
+
+    def _remember(self, key: Hashable, mode: Batching) -> None:
+        if len(self.chosen) >= _MAX_KEYS:
+            self.chosen.clear()
+        self.chosen[key] = mode
+        self.timings.pop(key, None)
+
+
+def _sync(like: Tensor) -> None:
+    if like.device.type == "cuda":
+        torch.cuda.synchronize(like.device)

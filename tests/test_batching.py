@@ -1,0 +1,88 @@
+"""Loop or vmap per graph shape: timed over the first steps, the faster kept, a failing vmap remembered as the
+loop; both give the same per-task gradients (Jacobian path and balancer steps)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from torch import nn
+
+import taskbalance
+from taskbalance.batching import TRIALS, BatchingChoice
+from taskbalance.jacobian import batched_jacobian
+
+
+def test_the_faster_mode_is_kept_after_the_trials():
+    choice = BatchingChoice()
+    calls: list[str] = []
+
+    def call(mode: str, trial: bool) -> str:
+        calls.append(mode)
+        if mode == "vmap":
+            time.sleep(0.02)
+        return mode
+
+    like = torch.zeros(1)
+    for _ in range(2 * TRIALS):
+        choice.run("shape", call, like)
+    assert sorted(calls) == ["loop"] * TRIALS + ["vmap"] * TRIALS
+    assert choice.chosen == {"shape": "loop"}
+    calls.clear()
+    assert [choice.run("shape", call, like) for _ in range(3)] == ["loop"] * 3
+    assert calls == ["loop"] * 3
+
+
+def test_a_vmap_that_raises_is_remembered_as_the_loop():
+    choice = BatchingChoice("vmap")
+
+    def call(mode: str, trial: bool) -> str:
+        if mode == "vmap":
+            raise RuntimeError("Batching rule not implemented for aten::something")
+        return mode
+
+    assert choice.run("shape", call, torch.zeros(1)) == "loop"
+    assert choice.chosen == {"shape": "loop"}
+
+
+def test_an_error_of_the_callers_is_raised_not_taken_for_a_missing_batching_rule():
+    choice = BatchingChoice("vmap")
+
+    def call(mode: str, trial: bool) -> str:
+        raise RuntimeError("Trying to backward through the graph a second time")
+
+    with pytest.raises(RuntimeError, match="second time"):
+        choice.run("shape", call, torch.zeros(1), lambda error: "second time" in str(error))
+
+
+def test_unknown_mode_is_refused():
+    with pytest.raises(ValueError, match="batching must be"):
+        BatchingChoice("sometimes")  # type: ignore[arg-type]
+
+
+def _cnn_losses(seed: int) -> tuple[nn.Module, torch.Tensor, list[torch.Tensor]]:
+    torch.manual_seed(seed)
+    trunk = nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 5))
+    x = torch.randn(6, 2, 6, 6)
+    z = trunk(x)
+    losses = torch.stack([z[:, i].pow(2).mean() for i in range(3)])
+    return trunk, losses, list(trunk.parameters())
+
+
+@pytest.mark.parametrize("mode", ["loop", "vmap"])
+def test_loop_and_vmap_give_the_same_jacobian(mode):
+    _, losses, shared = _cnn_losses(0)
+    expected, _ = batched_jacobian(losses, shared)
+    got, unreached = batched_jacobian(losses, shared, batching=BatchingChoice(mode))
+    assert unreached == []
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_the_jacobian_path_of_a_balancer_chooses_once_per_shape():
+    balancer = taskbalance.make("mgda", ["a", "b", "c"], engine="jacobian")
+    for seed in range(2 * TRIALS + 2):
+        _, losses, shared = _cnn_losses(seed)
+        balancer.backward(dict(zip("abc", losses, strict=True)), shared=shared)
+    assert len(balancer._batching.chosen) == 1
+    assert next(iter(balancer._batching.chosen.values())) in ("vmap", "loop")
