@@ -92,7 +92,7 @@ def export_runs(directory: str | Path, fmt: str = "csv", output: str | Path | No
         raise FileNotFoundError(
             f"no results store at {database}; run `taskbalance bench --out {directory}` first"
         )
-    with ResultsStore(database) as store:
+    with ResultsStore(database, read_only=True) as store:
         columns, rows = flatten_runs(store.runs())
     target = Path(output) if output is not None else database.with_suffix(f".{fmt}")
     if fmt == "csv":

@@ -22,8 +22,11 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
+import socket
 import sqlite3
 import subprocess
+import urllib.parse
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -63,6 +66,7 @@ CREATE TABLE IF NOT EXISTS runs (
     finished_at TEXT,
     error TEXT,
     attempts INTEGER NOT NULL DEFAULT 0,
+    claimed_by TEXT,
     UNIQUE (dataset, protocol_hash, method, hyperparameters, seed)
 );
 CREATE TABLE IF NOT EXISTS curves (
@@ -113,6 +117,7 @@ class RunRecord:
     finished_at: str | None = None
     error: str | None = None
     attempts: int = 0
+    claimed_by: str | None = None
 
     @property
     def key(self) -> RunKey:
@@ -129,16 +134,47 @@ class RunRecord:
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> RunRecord:
-        item = dict(row)
+        item = {k: v for k, v in dict(row).items() if k in cls.__dataclass_fields__}
+        item.setdefault("claimed_by", None)
         for column in (*_JSON_COLUMNS, "hyperparameters"):
-            if item[column] is not None:
+            if item.get(column) is not None:  # read-only opens of old stores may lack added columns
                 item[column] = json.loads(item[column])
         empties = (("tasks", list), ("metrics", dict), ("val_metrics", dict), ("test_metrics", dict),
                    ("trivial_metrics", dict))
         for column, empty in empties:
-            if item[column] is None:
+            if item.get(column) is None:
                 item[column] = empty()
         return cls(**item)
+
+
+def _connect_read_only(target: Path) -> sqlite3.Connection:
+    """Open ``target`` for reading only (``mode=ro``; ``immutable=1`` where the folder is read-only too, as
+    WAL readers otherwise need to create the ``-shm`` file)."""
+    if not target.exists():
+        raise FileNotFoundError(f"no results store at {target}")
+    uri = "file:" + urllib.parse.quote(str(target.resolve()))
+    try:
+        db = sqlite3.connect(uri + "?mode=ro", uri=True, timeout=30.0, isolation_level=None)
+        db.execute("SELECT count(*) FROM runs").fetchone()
+        return db
+    except sqlite3.OperationalError:
+        return sqlite3.connect(uri + "?mode=ro&immutable=1", uri=True, isolation_level=None)
+
+
+def _claim_alive(owner: str | None, me: str) -> bool:
+    """Whether the bench process that claimed a run may still be running it."""
+    if not owner or owner == me:
+        return False
+    host, _, pid = owner.rpartition(":")
+    if host != socket.gethostname():
+        return True  # another machine's claim: we cannot tell, so we leave its run alone
+    try:
+        os.kill(int(pid), 0)
+    except (ProcessLookupError, ValueError):
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def git_revision() -> str | None:
@@ -168,22 +204,27 @@ class ResultsStore:
         path: a directory (the file is ``path/results.sqlite``) or a ``.sqlite`` file path.
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, read_only: bool = False) -> None:
         target = Path(path)
         if target.suffix not in (".sqlite", ".db"):
             target = target / STORE_NAME
-        target.parent.mkdir(parents=True, exist_ok=True)
         self.path = target
-        self._db = sqlite3.connect(target, timeout=30.0, isolation_level=None)
+        self.read_only = read_only
+        self.owner = f"{socket.gethostname()}:{os.getpid()}"
+        if read_only:
+            self._db = _connect_read_only(target)
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(target, timeout=30.0, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._db.executescript(_SCHEMA)
+            present = {r[1] for r in self._db.execute("PRAGMA table_info(runs)").fetchall()}
+            for column in (*_ADDED_COLUMNS, "claimed_by"):  # fixed literals, not user input
+                if column not in present:
+                    self._db.execute(f"ALTER TABLE runs ADD COLUMN {column} TEXT")
         self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.executescript(_SCHEMA)
-        present = {row["name"] for row in self._db.execute("PRAGMA table_info(runs)")}
-        for column in _ADDED_COLUMNS:  # fixed literals, not user input
-            if column not in present:
-                self._db.execute(f"ALTER TABLE runs ADD COLUMN {column} TEXT")
         from .. import __version__
 
         self.package_version = __version__
@@ -221,27 +262,48 @@ class ResultsStore:
                 seen.add(spec.key)
         return todo
 
+    def claim(self, spec: RunSpec) -> bool:
+        """Mark the run ``running`` under this process, unless it is ``done`` or claimed by another live
+        bench process on this host (then ``False``: that process is running it). Claims of dead processes
+        (a driver killed with SIGKILL) are taken over."""
+        with self._transaction() as db:
+            row = db.execute(
+                """SELECT status, claimed_by FROM runs WHERE dataset = ? AND protocol_hash = ? AND method = ?
+                   AND hyperparameters = ? AND seed = ?""",
+                spec.key,
+            ).fetchone()
+            if row is not None and row["status"] == "done":
+                return False
+            if row is not None and row["status"] == "running" and _claim_alive(row["claimed_by"], self.owner):
+                return False
+            self._mark_running(db, spec)
+            return True
+
     def mark_running(self, spec: RunSpec) -> None:
         """Insert the run as ``running`` (or flip an unfinished row back); ``done`` rows are left alone."""
         with self._transaction() as db:
-            db.execute(
-                """INSERT INTO runs (dataset, protocol_hash, method, hyperparameters, seed, label, status,
-                                     protocol,
-                                     package_version, git_revision, started_at, attempts)
-                   VALUES (?, ?, ?, ?, ?, ?, 'running', ?, ?, ?, ?, 1)
-                   ON CONFLICT (dataset, protocol_hash, method, hyperparameters, seed) DO UPDATE SET
-                       status = 'running', label = excluded.label, started_at = excluded.started_at,
-                       attempts = runs.attempts + 1, error = NULL
-                   WHERE runs.status != 'done'""",
-                (
-                    *spec.key,
-                    spec.display,
-                    json.dumps(spec.protocol, sort_keys=True),
-                    self.package_version,
-                    self.git_revision,
-                    _now(),
-                ),
-            )
+            self._mark_running(db, spec)
+
+    def _mark_running(self, db: sqlite3.Connection, spec: RunSpec) -> None:
+        db.execute(
+            """INSERT INTO runs (dataset, protocol_hash, method, hyperparameters, seed, label, status,
+                                 protocol,
+                                 package_version, git_revision, started_at, attempts, claimed_by)
+               VALUES (?, ?, ?, ?, ?, ?, 'running', ?, ?, ?, ?, 1, ?)
+               ON CONFLICT (dataset, protocol_hash, method, hyperparameters, seed) DO UPDATE SET
+                   status = 'running', label = excluded.label, started_at = excluded.started_at,
+                   attempts = runs.attempts + 1, error = NULL, claimed_by = excluded.claimed_by
+               WHERE runs.status != 'done'""",
+            (
+                *spec.key,
+                spec.display,
+                json.dumps(spec.protocol, sort_keys=True),
+                self.package_version,
+                self.git_revision,
+                _now(),
+                self.owner,
+            ),
+        )
 
     def record(self, result: RunResult) -> None:
         """Write a finished (done or failed) run and its curves in one transaction."""

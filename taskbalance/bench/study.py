@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ..diagnostics.stats import Correction
@@ -24,7 +25,7 @@ from ..diagnostics.transfer import DELTA_M_CONVENTION, TransferSummary, compare_
 from ..train.config import TrainConfig
 from .executor import Executor
 from .kinds import STL, is_baseline
-from .spec import RunResult, RunSpec
+from .spec import RunResult, RunSpec, checkpoint_path
 from .store import ResultsStore, RunRecord
 from .suites import MethodEntry, Suite
 
@@ -122,18 +123,36 @@ def run_specs(
 ) -> tuple[int, int]:
     """Run the specs not yet ``done`` in ``store``; record each result as it arrives.
 
-    Returns ``(runs executed now, runs skipped because already done)``. ``on_result(result, i, n)`` is called
-    after each result is stored (for progress display).
+    Each run is first claimed in the store (:meth:`ResultsStore.claim`): a run that another live bench
+    process on the same ``--out`` is running is left to it, never run twice. Leftover temporary checkpoint
+    files of a claimed run (from a process killed while writing one) are removed before it starts.
+
+    Returns ``(runs executed now, runs skipped because already done or run elsewhere)``.
+    ``on_result(result, i, n)`` is called after each result is stored (for progress display).
     """
-    pending = store.pending(specs)
+    candidates = store.pending(specs)
+    pending = [spec for spec in candidates if store.claim(spec)]
     skipped = len({s.key for s in specs}) - len(pending)
     for spec in pending:
-        store.mark_running(spec)
+        remove_leftover_temporaries(spec)
     for i, result in enumerate(executor.map(pending), start=1):
         store.record(result)
         if on_result is not None:
             on_result(result, i, len(pending))
     return len(pending), skipped
+
+
+def remove_leftover_temporaries(spec: RunSpec) -> list[Path]:
+    """Delete the half-written checkpoint files (``.<name>.*.tmp``) of ``spec`` left by a killed process."""
+    removed = []
+    for suffix in (".pt", ".forkmerge"):
+        path = checkpoint_path(spec, suffix)
+        if path is None or not path.parent.is_dir():
+            continue
+        for leftover in path.parent.glob(f".{path.name}.*.tmp"):
+            leftover.unlink(missing_ok=True)
+            removed.append(leftover)
+    return removed
 
 
 def _mean(values: Sequence[float | None]) -> float:

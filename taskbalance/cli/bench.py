@@ -91,6 +91,9 @@ def bench_command(
         int | None,
         typer.Option(min=1, help="processes, or a local Ray's CPUs (default: all cores; 1 = serial)"),
     ] = None,
+    force_workers: Annotated[
+        bool, typer.Option("--force-workers", help="use --workers even beyond the CPUs available")
+    ] = False,
     executor: Annotated[
         str | None, typer.Option(help="where runs execute: local (processes), serial (this process), ray")
     ] = None,
@@ -170,7 +173,9 @@ def bench_command(
         return
     console, log = make_console(), make_console(stderr=True)
     try:
-        runner = make_executor(chosen.workers, chosen.executor, ray_address=ray_address)
+        runner = make_executor(
+            chosen.workers, chosen.executor, ray_address=ray_address, force_workers=force_workers
+        )
     except (ValueError, ImportError) as error:
         fail(str(error))
     directory = out if out is not None else Path("runs") / chosen.name

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 from typing import Annotated
 
@@ -22,4 +23,8 @@ def export_command(
         path = export_runs(directory, fmt, output)
     except (FileNotFoundError, ValueError, ImportError) as error:
         fail(str(error))
+    except sqlite3.Error as error:
+        fail(f"cannot read the results store in {directory}: {error}")
+    except OSError as error:
+        fail(f"cannot write {output or 'the export'}: {error.strerror or error} (choose --output FILE)")
     make_console().print(f"wrote {path}")

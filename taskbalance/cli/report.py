@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 from typing import Annotated
 
@@ -26,6 +27,10 @@ def report_command(
         fail(f'the report needs the "report" extra: pip install "taskbalance[report]" ({error})')
     except FileNotFoundError as error:
         fail(str(error))
+    except sqlite3.Error as error:
+        fail(f"cannot read the results store in {directory}: {error}")
+    except OSError as error:  # e.g. a read-only study folder: the report is written next to the results
+        fail(f"cannot write the report into {directory}: {error.strerror or error}")
     console = make_console()
     console.print(f"wrote {files.markdown}", highlight=False)
     console.print(f"wrote {files.html} (self-contained)", highlight=False)

@@ -19,7 +19,10 @@ category of their own.
 from __future__ import annotations
 
 import os
+import re
+import warnings
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -172,6 +175,42 @@ def encode_features(
     return torch.from_numpy(np.concatenate(blocks, axis=1)), names
 
 
+_ID_NAMES = ("id", "rownames", "index", "unnamed: 0", "row", "rowid", "row_id")
+
+
+def _looks_like_id(column: Any, n: int) -> bool:
+    """A row identifier: an ID-like name (``id``, ``rownames``, ``*_id``, pandas' ``Unnamed: 0``), or a
+    non-numeric column whose values are all distinct, or the row numbers ``0..n-1`` / ``1..n``."""
+    name = str(column.name).strip().lower()
+    if name in _ID_NAMES or name.endswith("_id"):
+        return True
+    values = column.dropna()
+    if n < 10 or len(values) != n or values.nunique() != n:
+        return False
+    if values.dtype.kind in "OUS":
+        return True
+    if values.dtype.kind in "iu":
+        low = int(values.min())
+        return low in (0, 1) and int(values.max()) == low + n - 1
+    return False
+
+
+def task_names(columns: Sequence[str]) -> dict[str, str]:
+    """Task name of each target column: the column name with every character other than letters, digits,
+    ``_`` and ``-`` replaced by ``_`` (``price.usd`` → ``price_usd``, pandas' ``y.1`` → ``y_1``), as task
+    names key model heads and state dicts, where ``.`` is not allowed. Raises ``ValueError`` if two columns
+    would get one name."""
+    out = {c: re.sub(r"[^A-Za-z0-9_-]", "_", str(c)) or "_" for c in columns}
+    seen: dict[str, str] = {}
+    for column, name in out.items():
+        if name in seen:
+            raise ValueError(
+                f"target columns {seen[name]!r} and {column!r} both become task {name!r}; rename one"
+            )
+        seen[name] = column
+    return out
+
+
 def table_dataset(
     frame: pd.DataFrame,
     targets: Sequence[str],
@@ -191,7 +230,15 @@ def table_dataset(
     if missing_targets:
         raise KeyError(f"target column(s) {missing_targets} not in the table; columns are {available}")
     if features is None:
-        features = [c for c in frame.columns if c not in target_columns]
+        candidates = [c for c in frame.columns if c not in target_columns]
+        id_like = [c for c in candidates if _looks_like_id(frame[c], len(frame))]
+        if id_like:
+            warnings.warn(
+                f"column(s) {', '.join(map(str, id_like))} look like row identifiers and are not used as "
+                "features; pass features=[...] (--features) to use them",
+                UserWarning, stacklevel=2,
+            )
+        features = [c for c in candidates if c not in id_like]
     else:
         features = list(features)
         absent = [c for c in features if c not in frame.columns]
@@ -211,11 +258,13 @@ def table_dataset(
     mask: dict[str, Tensor] = {}
     tasks: list[Task] = []
     encodings: dict[str, object] = {}
+    names = task_names(target_columns)
     for column, kind in parsed:
         y_col, m_col, task, encoding = _encode_target(frame, column, kind)
-        if column in auxiliary:
-            task = Task(task.name, task.kind, num_classes=task.num_classes, role="auxiliary")
-        y[column], mask[column] = y_col, m_col
+        task_name = names[column]
+        auxiliary_task = column in auxiliary or task_name in auxiliary
+        task = replace(task, name=task_name, role="auxiliary" if auxiliary_task else "target")
+        y[task_name], mask[task_name] = y_col, m_col
         tasks.append(task)
         if encoding is not None:
             encodings[column] = encoding
@@ -228,6 +277,7 @@ def table_dataset(
             "fractions": list(fractions),
             "seed": seed,
             "label_encoding": encodings,
+            **({"task_names": names} if any(k != v for k, v in names.items()) else {}),
         }
     )
     return assemble(name, tasks, x, y, mask, splits, protocol=info)

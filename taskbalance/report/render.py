@@ -589,7 +589,7 @@ def write_report(
     database = root / STORE_NAME
     if not database.exists():
         raise FileNotFoundError(f"no results store at {database}; run `taskbalance bench --out {root}` first")
-    with ResultsStore(database) as store:
+    with ResultsStore(database, read_only=True) as store:
         sections = load_sections(store, specs, targets_only=targets_only, level=level)
     from .. import __version__
 

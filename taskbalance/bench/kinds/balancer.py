@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ...data.base import MultiTaskData
 from ...data.tasks import Task
+from ...train.checkpoint import CheckpointError, set_aside
 from ...train.config import TrainConfig
 from ..spec import RunResult, RunSpec, checkpoint_path, finite_or_none, now, task_record
 
@@ -45,7 +47,11 @@ def fit_balancer(
     clock: float,
 ) -> RunResult:
     """Train ``method`` on ``data`` under ``spec``'s protocol (checkpointing and resuming in
-    ``spec.checkpoint_dir``); the result lists ``recorded``'s tasks."""
+    ``spec.checkpoint_dir``); the result lists ``recorded``'s tasks.
+
+    A checkpoint that cannot be used (truncated, corrupt, or another run's) is set aside — renamed to
+    ``<name>.corrupt``, named in a ``RuntimeWarning`` — and the run restarts from scratch, once.
+    """
     import taskbalance as tb
 
     from ...data.metrics import trivial_references
@@ -57,10 +63,25 @@ def fit_balancer(
     model = build_network(data, spec.arch, dict(spec.model_options))
     balancer = tb.make(method, data.task_names, **hyperparameters)
     checkpoint = checkpoint_path(spec, ".pt")
-    result = fit(
-        model, data, balancer, config, seed=spec.seed, checkpoint=checkpoint, resume=True, progress=False,
-        device=spec.device,
-    )
+    identity = {"run_key": list(spec.key)}
+    try:
+        result = fit(
+            model, data, balancer, config, seed=spec.seed, checkpoint=checkpoint, resume=True, progress=False,
+            identity=identity, device=spec.device,
+        )
+    except CheckpointError as error:  # unusable checkpoint: keep it aside for inspection, restart the run
+        moved = set_aside(error.path)
+        warnings.warn(
+            f"{spec.display} seed {spec.seed}: {error}; moved to {moved} and restarting the run",
+            RuntimeWarning, stacklevel=1,
+        )
+        seed_everything(spec.seed)
+        model = build_network(data, spec.arch, dict(spec.model_options))
+        balancer = tb.make(method, data.task_names, **hyperparameters)
+        result = fit(
+            model, data, balancer, config, seed=spec.seed, checkpoint=checkpoint, resume=True, progress=False,
+            identity=identity, device=spec.device,
+        )
     if checkpoint is not None and checkpoint.exists():
         checkpoint.unlink()
     return RunResult(
