@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..data.base import MultiTaskData
 from .executor import Executor, make_executor
-from .kinds import validate_run
+from .kinds import FORKMERGE, RUN_KINDS, kind_of, validate_run
 from .runner import build_network, load_dataset
 from .spec import RunResult, RunSpec
 from .store import ResultsStore
@@ -91,7 +91,7 @@ def plan_study(
     """
     check_device(suite.device)
     runnable, missing = split_available(tuple(suite.methods))
-    if suite.device != "cpu" and any(e.method == "forkmerge" for e in runnable):
+    if suite.device != "cpu" and any(kind_of(e.method) is RUN_KINDS[FORKMERGE] for e in runnable):
         raise StudyError(f"forkmerge runs train on the CPU only; leave it out or use --device cpu, not "
                          f"{suite.device!r}")
     if not runnable:
