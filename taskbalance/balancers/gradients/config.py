@@ -19,6 +19,10 @@ def config_weights(gramian: Tensor, rtol: float) -> Tensor:
     Zero rows are left out (unit row 0, as TorchJD's ``nan_to_num``); eigenvalues below ``rtol · λ_max`` of
     the unit Gramian are dropped.
     """
+    finite = torch.isfinite(gramian).all()  # a NaN Gramian (on_nonfinite="propagate") gives NaN weights
+    gramian_in = gramian
+    identity = torch.eye(gramian.shape[0], dtype=gramian.dtype, device=gramian.device)
+    gramian = torch.where(finite, gramian, identity)
     norms = gramian.diagonal().clamp_min(0).sqrt()
     inverse = torch.where(norms > 0, 1.0 / torch.where(norms > 0, norms, torch.ones_like(norms)), 0.0)
     unit_gramian = gramian * inverse[:, None] * inverse[None, :]
@@ -27,7 +31,7 @@ def config_weights(gramian: Tensor, rtol: float) -> Tensor:
     squared_length = c @ gramian @ c
     usable = squared_length > 0
     factor = torch.where(usable, (ones @ gramian @ c) / torch.where(usable, squared_length, ones[0]), 0.0)
-    return c * factor
+    return torch.where(finite, c * factor, gramian_in.diagonal() * float("nan"))
 
 
 @register(

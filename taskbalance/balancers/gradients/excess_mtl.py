@@ -59,6 +59,7 @@ class ExcessMTL(GradientBalancer):
 
     needs = "jacobian"
     scale_heads = True
+    resizable_state = ("squared_sum",)
     squared_sum: Tensor
     weights: Tensor
     baseline: Tensor
@@ -142,13 +143,10 @@ class ExcessMTL(GradientBalancer):
         self.observed.index_copy_(0, index, observed + 1)
         return Aggregation(weights.to(step.dtype), extras={"excess_risk": ratio})
 
-    def _load_from_state_dict(
-        self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
-    ) -> None:
+    def _prepare_load(self, state_dict: Mapping[str, Any], prefix: str) -> None:
         saved = state_dict.get(prefix + "squared_sum")
         if isinstance(saved, Tensor) and saved.shape != self.squared_sum.shape:
             self.squared_sum = self.squared_sum.new_zeros(saved.shape)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, robust_step_size={self.robust_step_size}, warmup={self.warmup_steps}"

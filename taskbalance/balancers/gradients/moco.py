@@ -60,6 +60,7 @@ class MoCo(GradientBalancer):
 
     needs = "jacobian"
     scale_heads = False
+    resizable_state = ("tracked",)
     tracked: Tensor
     lambd: Tensor
 
@@ -149,13 +150,10 @@ class MoCo(GradientBalancer):
             extras={"lambda": updated},
         )
 
-    def _load_from_state_dict(
-        self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
-    ) -> None:
+    def _prepare_load(self, state_dict: Mapping[str, Any], prefix: str) -> None:
         saved = state_dict.get(prefix + "tracked")
         if isinstance(saved, Tensor) and saved.shape != self.tracked.shape:
             self.tracked = self.tracked.new_zeros(saved.shape)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, beta={self.beta}, gamma={self.gamma}, rho={self.rho}"
