@@ -55,3 +55,14 @@ def test_classify_and_reconstruct_from_idx_files(tmp_path: Path) -> None:
     assert outputs["pixels"].shape == (4, 784) and outputs["label"].shape == (4, 10)
     loss = pixels.loss(outputs["pixels"], data.train.y["pixels"][:4])
     assert loss.ndim == 0 and torch.isfinite(loss)
+
+
+def test_the_trivial_reference_of_a_vector_target_is_the_mean_vector() -> None:
+    from taskbalance.data.metrics import trivial_prediction
+
+    task = Task("pixels", "regression", dim=2)
+    train = torch.tensor([[0.0, 1.0], [2.0, 3.0]])
+    expected = torch.tensor([[1.0, 2.0]] * 3, dtype=torch.float64)
+    assert torch.equal(trivial_prediction(task, train, 3), expected)
+    scalar = trivial_prediction(Task("y", "regression"), torch.tensor([1.0, 3.0]), 2)
+    assert torch.equal(scalar, torch.tensor([2.0, 2.0], dtype=torch.float64))

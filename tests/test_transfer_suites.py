@@ -21,6 +21,8 @@ def test_the_transfer_suites_hold_their_protocols() -> None:
         ("fashion-reconstruct", "fashion_reconstruct", "cnn"),
         ("scales-1", "synthetic_scales", "mlp"),
         ("scales-100", "synthetic_scales", "mlp"),
+        ("mmoe-0", "synthetic_mmoe", "mlp"),
+        ("mmoe-0.9", "synthetic_mmoe", "mlp"),
     ):
         suite = get_suite(name)
         assert (suite.dataset, suite.arch, suite.baselines) == (dataset, arch, True)
@@ -28,6 +30,7 @@ def test_the_transfer_suites_hold_their_protocols() -> None:
         assert {"ew", "si", "famo"} <= {m.method for m in suite.methods}
     assert get_suite("scales-1").dataset_options["scales"] == [1.0, 1.0]
     assert get_suite("scales-100").dataset_options["scales"] == [1.0, 100.0]
+    assert [get_suite(f"mmoe-{r}").dataset_options["correlation"] for r in ("0", "0.9")] == [0, 0.9]
 
 
 @pytest.mark.parametrize("name", ["multi-fashion", "fashion-reconstruct"])

@@ -101,7 +101,7 @@ study file ``studies/qm9-paper.toml`` holds the same values; a test checks they 
 
 BUILTIN = (
     "demo", "quick", "aux", "aux-qm9", "qm9-paper", "multi-fashion", "fashion-reconstruct", "scales-1",
-    "scales-100",
+    "scales-100", "mmoe-0", "mmoe-0.9",
 )
 """Names of the shipped study files (``studies/<name>.toml``), in the order ``--suite`` lists them."""
 

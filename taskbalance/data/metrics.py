@@ -144,11 +144,13 @@ def trivial_prediction(task: Task, train_target: Tensor, count: int) -> Tensor:
     """The trivial predictor's output for ``count`` samples, fitted on the labelled training targets.
 
     Binary: the logit of the training prevalence (a constant score: AUROC 0.5, accuracy = majority share);
-    multiclass: the log class frequencies (always the majority class); regression: the training mean.
+    multiclass: the log class frequencies (always the majority class); regression: the training mean (per
+    output for a vector target).
     """
+    if task.kind == "regression":  # one mean per output (a vector target: the mean vector)
+        mean = train_target.reshape(train_target.shape[0], task.dim).double().mean(dim=0)
+        return mean.expand(count, task.dim).reshape(count, *train_target.shape[1:]).clone()
     target = train_target.reshape(-1)
-    if task.kind == "regression":
-        return target.double().mean().expand(count).clone()
     if task.kind == "binary":
         rate = target.double().mean().clamp(1e-6, 1 - 1e-6)
         return torch.log(rate / (1 - rate)).expand(count).clone()
