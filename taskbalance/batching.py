@@ -2,10 +2,15 @@
 
 A vmapped vector-Jacobian product (``torch.autograd.grad(..., is_grads_batched=True)``) runs the ``k``
 backward passes as one; a loop runs them one after the other. Which is faster depends on the operations
-(vmapped convolution input-gradients are several times slower than a loop on CPU; on small MLPs vmap wins).
-:class:`BatchingChoice` alternates the two over the first steps of a given shape key, times each (the best of
-:data:`TRIALS` each counts; the clock is read, never the tensors, so nothing is copied to the host) and keeps
-the faster for that key. A mode that raises (an operation without a batching rule) is remembered as loop.
+(vmapped convolution input-gradients are several times slower than a loop on CPU; on MLPs vmap wins).
+
+:class:`BatchingChoice` with ``mode="auto"`` (the default) follows a fixed rule: a loop over the tasks where
+the graph holds a convolution on CPU, vmap otherwise (our choice, from the measurements of
+``benchmarks/step_overhead.py``). The rule is deterministic, so two runs of the same seed, and a run resumed
+from a checkpoint, take bit-identical steps. ``mode="timed"`` (opt-in) alternates the two over the first steps
+of a given shape key, times each (the best of :data:`TRIALS` each counts; the clock is read, never the
+tensors) and keeps the faster: faster where the rule is wrong, but the last bits of a step then depend on the
+machine's load. Either way a vmap that raises (an operation without a batching rule) is remembered as loop.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from typing import Literal, TypeVar
 import torch
 from torch import Tensor
 
-__all__ = ["Batching", "BatchingChoice", "TRIALS"]
+__all__ = ["Batching", "BatchingChoice", "TRIALS", "preferred_mode"]
 
 Batching = Literal["vmap", "loop"]
 TRIALS = 2  # steps timed per mode before the faster is kept
@@ -29,13 +34,14 @@ class BatchingChoice:
     """Chooses and remembers ``"vmap"`` or ``"loop"`` per shape key.
 
     Args:
-        mode: ``"auto"`` (time both over the first steps of each key, keep the faster), ``"vmap"`` or
-            ``"loop"`` (always that one; vmap still falls back to the loop where it raises).
+        mode: ``"auto"`` (the rule: the caller's ``preferred`` mode), ``"timed"`` (time both over the first
+            steps of each key, keep the faster), ``"vmap"`` or ``"loop"`` (always that one; vmap still falls
+            back to the loop where it raises).
     """
 
-    def __init__(self, mode: Literal["auto", "vmap", "loop"] = "auto") -> None:
-        if mode not in ("auto", "vmap", "loop"):
-            raise ValueError(f"batching must be 'auto', 'vmap' or 'loop', got {mode!r}")
+    def __init__(self, mode: Literal["auto", "timed", "vmap", "loop"] = "auto") -> None:
+        if mode not in ("auto", "timed", "vmap", "loop"):
+            raise ValueError(f"batching must be 'auto', 'timed', 'vmap' or 'loop', got {mode!r}")
         self.mode = mode
         self.chosen: dict[Hashable, Batching] = {}
         self.timings: dict[Hashable, dict[Batching, list[float]]] = {}
@@ -46,11 +52,15 @@ class BatchingChoice:
         call: Callable[[Batching, bool], Result],
         like: Tensor,
         reraise: Callable[[RuntimeError], bool] = lambda error: False,
+        preferred: Callable[[], Batching] = lambda: "vmap",
     ) -> Result:
         """``call(mode, retain)`` in the chosen mode. While timing, ``retain=True`` (a vmap trial that raises
         must leave the graph for the loop); otherwise ``retain=False`` and the caller decides. ``reraise``
-        says which errors of the vmap mode are the caller's (not a missing batching rule)."""
-        fixed = self.chosen.get(key) if self.mode == "auto" else self.mode
+        says which errors of the vmap mode are the caller's (not a missing batching rule). ``preferred``
+        gives the rule's mode for a new key (``mode="auto"``; asked once per key)."""
+        if self.mode == "auto" and key not in self.chosen:
+            self._remember(key, preferred())
+        fixed = self.chosen.get(key) if self.mode in ("auto", "timed") else self.mode
         if fixed is not None:
             if fixed == "loop":
                 return call("loop", False)
@@ -83,6 +93,24 @@ class BatchingChoice:
             self.chosen.clear()
         self.chosen[key] = mode
         self.timings.pop(key, None)
+
+
+def preferred_mode(roots: Tensor) -> Batching:
+    """The rule of ``mode="auto"``: ``"loop"`` when the graph of ``roots`` holds a convolution and lives on
+    the CPU, ``"vmap"`` otherwise (a walk over the graph's nodes, once per shape key)."""
+    if roots.device.type != "cpu" or roots.grad_fn is None:
+        return "vmap"
+    seen: set[object] = set()
+    stack = [roots.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if type(node).__name__.startswith("Convolution"):
+            return "loop"
+        stack.extend(child for child, _ in node.next_functions if child is not None and child not in seen)
+    return "vmap"
 
 
 def _sync(like: Tensor) -> None:

@@ -13,9 +13,10 @@ batch × positions):
 
 The per-task output gradients of every shared layer come from **one** batched backward (a vmapped
 vector-Jacobian product through :class:`torch.autograd.graph.GradientEdge` inputs, so autograd computes no
-weight gradient at all), or from a loop over the ``k`` tasks where that is faster (convolutions on CPU): the
-engine alternates the two over the first steps of a given graph shape, times them (best of two each) and
-keeps the faster one.
+weight gradient at all), or from a loop over the ``k`` tasks where that is faster: by default a loop when a
+shared convolution runs on CPU (a deterministic rule, so resumed and repeated runs are bit-identical), or,
+opt-in (``batching="timed"``), whichever measured faster over the first steps of a graph shape
+(:mod:`taskbalance.batching`).
 
 The layers are read from the autograd graph of the losses, not from module hooks, so nothing needs to be
 registered before the forward pass, in-place operations after a layer are safe (the gradient taken is the
@@ -319,8 +320,9 @@ class GramianEngine:
     Args:
         last_layers: ``None`` (default): the exact Gramian over every shared parameter. An integer ``N``:
             the **approximate** Gramian over the last ``N`` recognised shared layers only (opt-in).
-        batching: ``"auto"`` (default: time both over the first steps of each graph shape, keep the faster),
-            ``"vmap"`` or ``"loop"``.
+        batching: ``"auto"`` (default: a loop over the tasks for convolutions on CPU, vmap otherwise),
+            ``"timed"`` (time both over the first steps of each graph shape, keep the faster), ``"vmap"`` or
+            ``"loop"``.
         form: ``"auto"`` (default: the cost model picks per layer), or force ``"b_side"`` / ``"direct"`` on
             every linear and embedding layer (for tests and measurements).
     """
@@ -329,7 +331,7 @@ class GramianEngine:
         self,
         *,
         last_layers: int | None = None,
-        batching: Literal["auto", "vmap", "loop"] = "auto",
+        batching: Literal["auto", "timed", "vmap", "loop"] = "auto",
         form: Literal["auto", "b_side", "direct"] = "auto",
     ) -> None:
         if last_layers is not None and last_layers < 1:
@@ -377,7 +379,7 @@ class GramianEngine:
         heads = [] if partial else plan.heads
         inputs = [*edges, *fallback, *heads]
         k = roots.shape[0]
-        grads = self._batched(roots, inputs, plan.signature, retain=partial) if inputs else []
+        grads = self._batched(roots, inputs, plan.signature, partial, plan.groups) if inputs else []
         at = 0
         for layer in layers:
             n = len(layer.group.uses)
@@ -464,14 +466,20 @@ class GramianEngine:
         return eye
 
     def _batched(
-        self, roots: Tensor, inputs: Sequence[GradientEdge | Tensor], signature: tuple, retain: bool
+        self, roots: Tensor, inputs: Sequence[GradientEdge | Tensor], signature: tuple, retain: bool,
+        plan_groups: Sequence[_Group] = (),
     ) -> list[Tensor]:
         key = (signature, roots.shape[0], roots.device.type)
 
         def call(mode: Batching, trial: bool) -> list[Tensor]:
             return self._run(roots, inputs, mode, retain=retain or trial)
 
-        return self._batching.run(key, call, roots, _second_backward)
+        has_conv = any(g.kind == "conv" for g in plan_groups)
+
+        def preferred() -> Batching:  # the rule of BatchingChoice("auto"): loop for convolutions on CPU
+            return "loop" if has_conv and roots.device.type == "cpu" else "vmap"
+
+        return self._batching.run(key, call, roots, _second_backward, preferred)
 
     def _run(self, roots: Tensor, inputs: Sequence[GradientEdge | Tensor], mode: Batching, retain: bool
              ) -> list[Tensor]:
@@ -486,7 +494,7 @@ class GramianEngine:
         rows = [
             torch.autograd.grad(roots[i], targets, retain_graph=retain or i < k - 1, allow_unused=True,
                                 materialize_grads=True)
-            for i in range(k)  # loop over tasks: chosen because it measured faster than vmap here
+            for i in range(k)  # loop over tasks: chosen where it is faster than vmap (convolutions on CPU)
         ]
         return [torch.stack([row[j] for row in rows]) for j in range(len(inputs))]
 

@@ -10,8 +10,8 @@ Two entry points, both batched over tasks in a single autograd call
 
 Where an operation has no batching rule and the batched call fails, both fall back to a loop of
 ``autograd.grad`` calls and warn once. :func:`batched_jacobian` takes a
-:class:`taskbalance.batching.BatchingChoice` to use a loop over the tasks instead where it measured faster
-(convolutions on CPU), chosen over the first steps of each shape and remembered. Nothing here leaves the
+:class:`taskbalance.batching.BatchingChoice` to use a loop over the tasks instead where that is faster
+(convolutions on CPU), decided once per shape and remembered. Nothing here leaves the
 tensors' device.
 """
 
@@ -23,7 +23,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor
 
-from .batching import Batching, BatchingChoice
+from .batching import Batching, BatchingChoice, preferred_mode
 
 __all__ = [
     "batched_jacobian",
@@ -64,8 +64,8 @@ def _batched_grads(
     losses: Tensor, inputs: Sequence[Tensor], retain_graph: bool, batching: BatchingChoice | None = None
 ) -> list[Tensor | None]:
     """Rows ``∂ losses[k] / ∂ inputs`` for every k, one tensor ``(K, *input.shape)`` per input, or ``None``
-    for an input that no loss reaches. With ``batching``, vmap or a loop over the tasks as it measured faster
-    for these shapes (chosen once, remembered); without, vmap (a loop only where vmap raises, with a
+    for an input that no loss reaches. With ``batching``, vmap or a loop over the tasks as it decides for
+    these shapes (once, remembered); without, vmap (a loop only where vmap raises, with a
     warning)."""
     if losses.dim() != 1:
         raise ValueError(f"expected a 1-d vector of task losses, got shape {tuple(losses.shape)}")
@@ -77,7 +77,7 @@ def _batched_grads(
                 return _vmapped(losses, inputs, retain_graph or trial)
             return _looped(losses, inputs, retain_graph or trial)
 
-        return batching.run(key, call, losses, _callers_error)
+        return batching.run(key, call, losses, _callers_error, lambda: preferred_mode(losses))
     try:
         return _vmapped(losses, inputs, retain_graph)
     except RuntimeError as error:
@@ -130,8 +130,8 @@ def batched_jacobian(
     positions of the inputs that no loss reaches (their entries are zeros).
 
     The unreached positions come from autograd's ``allow_unused`` answer: knowing them costs nothing extra.
-    ``batching`` (a :class:`taskbalance.batching.BatchingChoice`): vmap or a loop over the tasks, whichever
-    measured faster for these shapes over the first steps; ``None``: vmap.
+    ``batching`` (a :class:`taskbalance.batching.BatchingChoice`): vmap or a loop over the tasks, as it
+    decides for these shapes (by default a loop for convolutions on CPU); ``None``: vmap.
     """
     grads = _batched_grads(losses, inputs, retain_graph, batching)
     k = losses.shape[0]
