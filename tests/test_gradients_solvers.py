@@ -246,3 +246,25 @@ def test_a_solver_that_hits_its_cap_warns_once_per_balancer():
         balancer.aggregate(GradientStep.of(j))  # the same balancer stays quiet
     with pytest.warns(RuntimeWarning, match="iteration cap"):
         tb.make("nash-mtl", [f"t{i}" for i in range(10)], optim_niter=1).aggregate(GradientStep.of(j * 1e3))
+
+
+@pytest.mark.parametrize("kind", ["random", "duplicate", "opposed", "zero", "badly_scaled", "mixed"])
+def test_accelerator_fixed_budget_path_agrees_with_the_cpu_early_exits(monkeypatch, kind):
+    """On CPU the solvers branch on host reads (early exit, one active-set branch, full Newton steps near the
+    solution); accelerators run the branch-free, fixed-budget path. Both must give the same answer."""
+    from taskbalance.balancers.gradients import _solvers
+
+    for k in (3, 10):
+        gram = (lambda j: j @ j.T)(hard_jacobian(kind, k, seed=0))
+        nash_gram = gram / torch.linalg.matrix_norm(gram)
+
+        def solve(gram=gram, nash_gram=nash_gram):
+            cagrad = _solvers.cagrad_weights(gram, 0.5).weights
+            return min_norm_weights(gram), cagrad, nash_weights(nash_gram).alpha
+
+        cpu = solve()
+        monkeypatch.setattr(_solvers, "_HOST_DECIDES_ON_CPU", False)
+        budget = solve()
+        monkeypatch.setattr(_solvers, "_HOST_DECIDES_ON_CPU", True)
+        for ours, fixed, what in zip(cpu, budget, ("min-norm", "cagrad", "nash"), strict=True):
+            torch.testing.assert_close(ours, fixed, rtol=1e-7, atol=1e-9, msg=f"{what} k={k}")

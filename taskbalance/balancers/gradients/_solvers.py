@@ -3,7 +3,8 @@
 Everything here works on the Gramian ``M = J Jᵀ`` (``k × k``, ``k ≤ 40`` in practice), in float64, on the
 Gramian's device, without host reads on accelerators: each solver **iterates to a stated tolerance** under an
 iteration cap. On CPU it stops as soon as every problem has converged (reading a CPU boolean costs no device
-synchronisation); on an accelerator it runs the cap as a **fixed budget** (converged problems are frozen by
+synchronisation) and computes only the branch such a read selects (the active-set step of a single problem,
+the full Newton step near the Nash solution); on an accelerator it runs the cap as a **fixed budget** (converged problems are frozen by
 ``torch.where`` masks, so extra iterations are no-ops) and the host never waits for the device. Each solver
 returns a ``converged`` boolean tensor; :func:`warn_if_capped` turns a CPU ``False`` into one warning per
 balancer.
@@ -74,13 +75,24 @@ def jacobi_scaling(gramian: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return c, s, zero
 
 
+# Tests set this to False to run the accelerators' branch-free, fixed-budget path on CPU.
+_HOST_DECIDES_ON_CPU = True
+
+
+def _host_decides(t: Tensor) -> bool:
+    """Whether the host may read ``t`` to choose a branch: CPU tensors only (reading one costs no device
+    synchronisation). Used for early exits and for skipping work that a CPU read shows to be unneeded; on
+    accelerators the branch-free path runs (values selected by ``torch.where`` masks)."""
+    return _HOST_DECIDES_ON_CPU and t.device.type == "cpu"
+
+
 def _finished(converged: Tensor) -> bool:
     """Early exit, on CPU tensors only: reading a CPU tensor costs no device synchronisation.
 
     On accelerators this returns ``False`` without touching the value, so the fixed iteration count runs and
     the host never waits for the device; the converged problems are frozen by ``torch.where`` masks.
     """
-    return converged.device.type == "cpu" and bool(converged.all())
+    return _host_decides(converged) and bool(converged.all())
 
 
 def warn_if_capped(owner: object, converged: Tensor, what: str, knob: str) -> None:
@@ -172,18 +184,35 @@ def simplex_qp(
     w = torch.where(free, 1.0 / a, torch.zeros_like(a))
     w = w / (a * w).sum(-1, keepdim=True)
     converged = torch.zeros(batch, dtype=torch.bool, device=h.device)
-    tol = 1e-12
+    threshold = -1e-12 * diag_mean
+    single = not batch and _host_decides(h)  # one CPU problem: branch on the host, compute one branch only
     for _ in range(steps):
         free_ext = torch.cat([free, always], -1)
         system = torch.where(free_ext[..., :, None], bordered * free_ext[..., None, :], eye)
         solution = torch.linalg.solve(system, rhs_full * free_ext)
         y, mu = solution[..., :k], solution[..., k:]
+        if single:
+            if bool((y >= 0).all()):
+                multipliers = h @ y + b - mu * a
+                smallest, worst = multipliers.masked_fill(free, float("inf")).min(-1)
+                w = y
+                if bool(smallest >= threshold):
+                    converged = torch.ones_like(converged)
+                    break
+                free = free.index_fill(-1, worst, True)
+            else:
+                shrinking = free & (y < 0)
+                ratios = (w / (w - y).clamp_min(1e-300)).masked_fill(~shrinking, float("inf"))
+                theta = ratios.min().clamp(0, 1)
+                w = (w + theta * (y - w)).clamp_min(0)
+                free = free & ~(shrinking & (ratios <= theta * (1 + 1e-12)))
+            continue
         feasible = (y >= 0).all(-1)
         # branch 1 (y feasible): move to y, free the most violated coordinate or stop
         multipliers = (h @ y[..., None])[..., 0] + b - mu * a
         candidates = torch.where(free, torch.full_like(multipliers, float("inf")), multipliers)
         worst = candidates.argmin(-1)
-        optimal = candidates.gather(-1, worst[..., None])[..., 0] >= -tol * diag_mean
+        optimal = candidates.gather(-1, worst[..., None])[..., 0] >= threshold
         added = free | torch.nn.functional.one_hot(worst, k).to(torch.bool)
         # branch 2 (y infeasible): step to the boundary, fix the blocking coordinate(s)
         shrinking = free & (y < 0)
@@ -200,15 +229,11 @@ def simplex_qp(
         converged = converged | done
         if _finished(converged):
             break
-    if reg > 0:  # iterative refinement on the final support: removes the ridge's O(reg) bias
+    if reg > 0:  # one refinement step on the final support: the ridge's bias O(reg·κ) becomes O((reg·κ)²)
         free_ext = torch.cat([free, always], -1)
         system = torch.where(free_ext[..., :, None], bordered * free_ext[..., None, :], eye)
         ridge = torch.cat([(reg * diag_mean)[..., None] * w, torch.zeros_like(w[..., :1])], -1)
-        refined = w
-        for _ in range(2):
-            rhs = (rhs_full + ridge) * free_ext
-            refined = torch.linalg.solve(system, rhs)[..., :k]
-            ridge = torch.cat([(reg * diag_mean)[..., None] * refined, torch.zeros_like(w[..., :1])], -1)
+        refined = torch.linalg.solve(system, (rhs_full + ridge) * free_ext)[..., :k]
         w = torch.where(converged[..., None] & (refined >= 0).all(-1, keepdim=True), refined, w)
     w = torch.where(free, w.clamp_min(0), torch.zeros_like(w))
     total = (a * w).sum(-1, keepdim=True)
@@ -470,11 +495,21 @@ def _nash_newton(
     soon as ``p = β/Σβ`` has ``pᵀ(plain)p < certificate`` (then ``hopeless`` is true)."""
     converged = torch.zeros((), dtype=torch.bool, device=beta.device)
     hopeless = torch.zeros((), dtype=torch.bool, device=beta.device)
+    host = _host_decides(beta)
     for _ in range(iters):
-        gradient = ridged @ beta - 1.0 / beta
-        hessian = ridged + torch.diag(beta.pow(-2))
+        inverse = beta.reciprocal()
+        gradient = ridged @ beta - inverse
+        hessian = ridged + torch.diag(inverse * inverse)
         step = torch.linalg.solve(hessian, gradient)
         decrement_sq = (gradient @ step).clamp_min(0)
+        if host and bool(decrement_sq <= 0.0625):
+            # λ ≤ ¼, on CPU: the full Newton step stays in β > 0 (λ < 1), decreases f and converges
+            # quadratically (self-concordance; Nesterov 2004 §4.1.5), so the size batch and the certificate
+            # (the iterate approaches a finite solution) are skipped.
+            beta = beta - step
+            if bool(decrement_sq <= tol * tol):
+                return beta, torch.ones_like(converged), hopeless
+            continue
         # the damped step 1/(1+λ) (always decreasing: self-concordance) or a longer one if lower
         sizes = torch.cat([_STEP_SIZES.to(beta.device), (1.0 / (1.0 + decrement_sq.sqrt()))[None]])
         trials = beta - sizes[:, None] * step
