@@ -53,12 +53,14 @@ CASES = {
 
 def test_mgda_is_at_least_as_good_as_torchjd_frank_wolfe():
     """TorchJD's Frank–Wolfe converges sublinearly (even 20000 iterations leave ~1e-2 relative error on
-    ill-conditioned 10-row matrices); ours is exact (checked against quadprog in test_gradients_mgda), so its
-    min-norm point is never longer and stays close."""
+    ill-conditioned 10-row matrices); ours is exact (checked against Clarabel in test_solver_references), so
+    its min-norm point is never longer and stays close. 45 matrices are one period of the sampler (every
+    k = 2…10 with and without a shared component and spread norms); 10000 iterations leave 1.5e-2 at worst
+    (20000: 1.0e-2, for four times the time)."""
     worst = 0.0
-    for j in sampled_matrices():
+    for j in sampled_matrices(45):
         ours = update_of("mgda", j)
-        theirs = tjd.MGDA(epsilon=1e-9, max_iters=20000)(j)
+        theirs = tjd.MGDA(epsilon=1e-9, max_iters=10000)(j)
         assert ours.norm() <= theirs.norm() * (1 + 1e-9)
         worst = max(worst, relative_error(ours, theirs))
     assert worst <= 2e-2
