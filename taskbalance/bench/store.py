@@ -148,17 +148,26 @@ class RunRecord:
 
 
 def _connect_read_only(target: Path) -> sqlite3.Connection:
-    """Open ``target`` for reading only (``mode=ro``; ``immutable=1`` where the folder is read-only too, as
-    WAL readers otherwise need to create the ``-shm`` file)."""
+    """Open ``target`` for reading only, writing nothing next to it.
+
+    With no ``-wal`` file beside the store, no writer is active (a writer that closes cleanly removes it): the
+    store is opened ``immutable=1``, so SQLite creates no ``-wal``/``-shm`` file (a read-only, archived or
+    someone else's study folder stays byte-identical). While a ``bench`` is writing (its ``-wal`` exists),
+    the store is opened ``mode=ro`` and reads through the writer's shared-memory index, so the rows are
+    consistent; a folder where even that fails (read-only with a stale ``-wal``) falls back to immutable.
+    """
     if not target.exists():
         raise FileNotFoundError(f"no results store at {target}")
     uri = "file:" + urllib.parse.quote(str(target.resolve()))
+    immutable = uri + "?mode=ro&immutable=1"
+    if not target.with_name(target.name + "-wal").exists():
+        return sqlite3.connect(immutable, uri=True, isolation_level=None)
     try:
         db = sqlite3.connect(uri + "?mode=ro", uri=True, timeout=30.0, isolation_level=None)
         db.execute("SELECT count(*) FROM runs").fetchone()
         return db
     except sqlite3.OperationalError:
-        return sqlite3.connect(uri + "?mode=ro&immutable=1", uri=True, isolation_level=None)
+        return sqlite3.connect(immutable, uri=True, isolation_level=None)
 
 
 def _claim_alive(owner: str | None, me: str) -> bool:

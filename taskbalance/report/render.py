@@ -566,6 +566,7 @@ def write_report(
     level: float = 0.95,
     title: str | None = None,
     plots: bool = True,
+    output: str | Path | None = None,
 ) -> ReportFiles:
     """Write ``DIR/report.md``, ``DIR/report.html`` and ``DIR/plots/*.png`` from ``DIR/results.sqlite``.
 
@@ -578,6 +579,9 @@ def write_report(
         level: confidence level of the Δm intervals (the verdicts' significance level is ``1 − level``).
         title: the page title (default: ``taskbalance report — <dataset(s)>``).
         plots: draw the PNG plots (``False``: tables and notes only, much faster).
+        output: the folder for ``report.md``, ``report.html`` and ``plots/`` (default: ``directory``). The
+            store is only read, so a read-only study (an archive, a colleague's folder) can be reported
+            elsewhere.
 
     Raises:
         FileNotFoundError: no results store in ``directory``.
@@ -591,6 +595,8 @@ def write_report(
         raise FileNotFoundError(f"no results store at {database}; run `taskbalance bench --out {root}` first")
     with ResultsStore(database, read_only=True) as store:
         sections = load_sections(store, specs, targets_only=targets_only, level=level)
+    root = root if output is None else Path(output)
+    root.mkdir(parents=True, exist_ok=True)
     from .. import __version__
 
     datasets = ", ".join(dict.fromkeys(s.dataset for s in sections)) or "empty store"
