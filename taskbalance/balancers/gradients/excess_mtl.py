@@ -41,7 +41,13 @@ class ExcessMTL(GradientBalancer):
     property (tested): the task with the largest excess risk gains weight every step.
 
     Element-wise state ``S`` of size ``K × P`` (the shared gradient's length): ``needs = "jacobian"``; the
-    buffer is sized on the first ``backward`` and saved in ``state_dict()``.
+    buffer is sized on the first ``backward`` and saved in ``state_dict()``. Our choice: ``S`` and ``e`` are
+    kept in float64 whatever the gradients' dtype (``g²`` of float32 gradients overflows beyond ~1e19).
+
+    Scale: the first step weighs by the raw ``e ∝ c`` for gradients ``cJ`` (as the official code, LibMTL and
+    TorchJD), so at the defaults the update is not homogeneous in the gradients' scale, by design; once
+    every task has its baseline ``e⁰`` the ratios ``e/e⁰`` are scale-free and so is each later weight step
+    (tested with one warm-up step: ``d(cJ) = c d(J)``).
 
     Defaults: ``robust_step_size η = 1`` and ``warmup_steps = 0`` (TorchJD, official code).
 
@@ -84,7 +90,7 @@ class ExcessMTL(GradientBalancer):
         self.robust_step_size = float(robust_step_size)
         self.warmup_steps = warmup_steps
         k = self.num_tasks
-        self.register_buffer("squared_sum", torch.zeros(k, 0))
+        self.register_buffer("squared_sum", torch.zeros(k, 0, dtype=torch.float64))
         self.register_buffer("weights", torch.full((k,), 1.0 / k, dtype=torch.float64))
         self.register_buffer("baseline", torch.zeros(k, dtype=torch.float64))
         self.register_buffer("has_baseline", torch.zeros(k, dtype=torch.bool))
@@ -105,7 +111,7 @@ class ExcessMTL(GradientBalancer):
             if shared:  # sized before the step, so a step rolled back (GradScaler overflow) keeps it
                 size = sum(p.numel() for p in shared)
                 self.squared_sum = torch.zeros(
-                    self.num_tasks, size, dtype=shared[0].dtype, device=shared[0].device
+                    self.num_tasks, size, dtype=torch.float64, device=shared[0].device
                 )
         return super().backward(losses, shared=shared, features=features, **options)
 
@@ -117,11 +123,11 @@ class ExcessMTL(GradientBalancer):
                     f"excess-mtl: the shared gradient has {jacobian.shape[1]} entries but the state has "
                     f"for {self.squared_sum.shape[1]}; pass the same shared parameters every step"
                 )
-            self.squared_sum = jacobian.new_zeros(self.num_tasks, jacobian.shape[1])
-        squared = jacobian.detach() ** 2
-        accumulated = self.squared_sum[index] + squared.to(self.squared_sum.dtype)
+            self.squared_sum = jacobian.new_zeros(self.num_tasks, jacobian.shape[1], dtype=torch.float64)
+        squared = jacobian.detach().to(torch.float64) ** 2  # g² of float32 gradients overflows from ~1e19
+        accumulated = self.squared_sum[index] + squared
         self.squared_sum.index_copy_(0, index, accumulated)
-        excess = (squared / torch.sqrt(accumulated.to(squared.dtype) + _EPS)).sum(1).to(torch.float64)
+        excess = (squared / torch.sqrt(accumulated + _EPS)).sum(1)
         observed = self.observed[index]
         in_warmup = observed < self.warmup_steps
         warmup_sum = self.warmup_sum[index] + torch.where(in_warmup, excess, 0.0)

@@ -56,6 +56,10 @@ class FairGrad(GradientBalancer):
     property, tested). ``α = 0`` is linear scalarisation (uniform weights); ``α = 1`` proportional fairness
     (Nash-MTL's system); ``α → ∞`` max-min fairness.
 
+    Scale: by Eq. 8, scaling the gradients by ``c`` scales ``M`` by ``c²`` and the weights by
+    ``c^{−2α/(1+α)}``, so the update scales as ``d(cJ) = c^{(1−α)/(1+α)} d(J)``: degree 0 at the default
+    ``α = 1`` (tested), 1 at ``α = 0``, → −1 as ``α → ∞``.
+
     Defaults: ``α = 1`` (LibMTL's default; TorchJD has none), 30 Newton iterations.
 
     Our choices: solved on device by damped Newton (:func:`fairgrad_weights`), instead of scipy's

@@ -39,6 +39,9 @@ class MoCo(GradientBalancer):
     Defining property (tested): with constant gradients, ``y`` converges to them and ``λ`` to the MGDA
     (min-norm) weights of the tracked gradients, so ``d`` tends to the min-norm point of their hull.
 
+    Scale: the normalisation keeps only each gradient's direction (times its loss), so the update is
+    independent of the gradients' scale, ``d(cJ) = d(J)`` for ``c > 0`` (degree 0; tested).
+
     Defaults (LibMTL): ``β = 0.5``, ``σ_β = 0.5``, ``γ = 0.1``, ``σ_γ = 0.5``, ``ρ = 0``.
     ``weight_update="projection"`` is the paper's ``Π_Δ``; ``"softmax"`` is LibMTL's
     ``λ ← softmax(λ − γ_t(YYᵀ + ρI)λ)`` (tested against LibMTL's formula).
@@ -126,9 +129,10 @@ class MoCo(GradientBalancer):
         beta_t = self.beta / t**self.beta_sigma
         gamma_t = self.gamma / t**self.gamma_sigma
         losses = step.losses.to(jacobian.dtype)
-        normalised = (
-            jacobian.detach() / (jacobian.detach().norm(dim=1, keepdim=True) + 1e-8) * losses[:, None]
-        )
+        # ‖g_k‖ from the float64 Gramian's diagonal (already formed by the finiteness check): a float32
+        # norm overflows for gradients beyond ~1e19, and the update would silently be 0
+        norms = step.gramian.diagonal().sqrt().to(jacobian.dtype)
+        normalised = jacobian.detach() / (norms[:, None] + 1e-8) * losses[:, None]
         previous = self.tracked[index].to(jacobian.dtype)
         tracked = previous - beta_t * (previous - normalised)
         self.tracked.index_copy_(0, index, tracked.to(self.tracked.dtype))
