@@ -4,10 +4,10 @@ Everything here works on the Gramian ``M = J Jᵀ`` (``k × k``, ``k ≤ 40`` in
 Gramian's device, without host reads on accelerators: each solver **iterates to a stated tolerance** under an
 iteration cap. On CPU it stops as soon as every problem has converged (reading a CPU boolean costs no device
 synchronisation) and computes only the branch such a read selects (the active-set step of a single problem,
-the full Newton step near the Nash solution); on an accelerator it runs the cap as a **fixed budget** (converged problems are frozen by
-``torch.where`` masks, so extra iterations are no-ops) and the host never waits for the device. Each solver
-returns a ``converged`` boolean tensor; :func:`warn_if_capped` turns a CPU ``False`` into one warning per
-balancer.
+the full Newton step near the Nash solution); on an accelerator it runs the cap as a **fixed budget**
+(converged problems are frozen by ``torch.where`` masks, so extra iterations are no-ops) and the host never
+waits for the device. Each solver returns a ``converged`` boolean tensor; :func:`warn_if_capped` turns a
+CPU ``False`` into one warning per balancer.
 
 * :func:`simplex_qp` — ``min ½ wᵀHw + bᵀw`` on ``{w ≥ 0, aᵀw = 1}`` by a primal active-set method.
 * :func:`min_norm_weights` / :func:`min_norm_solve` — the min-norm point of the rows' convex hull (MGDA,
