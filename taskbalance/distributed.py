@@ -7,7 +7,7 @@ MGDA's min-norm weights are non-linear in the Jacobian, so averaging per-rank up
 balancing the averaged gradients. :class:`DistributedReducer` does both; attach it with
 ``balancer.set_reducer(DistributedReducer())`` (or :func:`distribute`). With equal shard sizes and losses that
 are per-shard means, the result equals one process on the concatenated batch (up to float rounding; tested in
-``tests/test_ddp.py``).
+``tests/integrations/test_ddp.py``).
 
 **What is communicated per step** (``docs/scaling.md`` has figures):
 

@@ -33,7 +33,7 @@ per-device batch instead). Multi-process (``accelerate launch``/``torchrun``): a
 :class:`~taskbalance.distributed.DistributedReducer` is attached, and for gradient-level methods the forward
 and balancer backward of a DDP-wrapped model (also one process under ``torchrun``) run under
 ``model.no_sync()`` (see ``docs/scaling.md``); that path follows
-``tests/test_ddp.py`` but is not run under a multi-process Trainer in our tests.
+``tests/integrations/test_ddp.py`` but is not run under a multi-process Trainer in our tests.
 """
 
 from __future__ import annotations

@@ -39,7 +39,8 @@ Choices and limits (our choices):
   the mixin attaches a :class:`~taskbalance.distributed.DistributedReducer` (global-batch weights, Jacobian
   and head gradients for gradient methods) and, for loss-level methods, averages the gradients itself after
   the balancer's backward (:func:`~taskbalance.distributed.all_reduce_gradients`). This path follows
-  ``tests/test_ddp.py`` but is not itself run under a multi-process Lightning trainer in our tests.
+  ``tests/integrations/test_ddp.py`` but is not itself run under a multi-process Lightning trainer in our
+  tests.
 * Gradient accumulation (``accumulate_grad_batches``) does not apply to manual optimisation: every batch is
   one balancer step.
 """

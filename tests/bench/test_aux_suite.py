@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from qm9_files import _molecules, _write_qm9pack_like
 from rich.console import Console
-from test_data_qm9 import _molecules, _write_qm9pack_like
 
 from taskbalance.auxiliary import forkmerge as forkmerge_module
 from taskbalance.bench.executor import SerialExecutor

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from molecules import MOLECULES, Z, padded
-from test_data_qm9 import _write_qm9pack_like
+from qm9_files import _write_qm9pack_like
 
 from taskbalance.data import load
 from taskbalance.data.qm9 import qm9_arrays

@@ -7,7 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from test_data_fashion import _write_fashion
+from fashion_files import _write_fashion
 
 from taskbalance.bench.driver import run_study
 from taskbalance.bench.executor import make_executor

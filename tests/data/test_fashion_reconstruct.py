@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_data_fashion import _write_fashion
+from fashion_files import _write_fashion
 
 from taskbalance.data import load
 from taskbalance.data.metrics import task_metrics

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from molecules import MOLECULES
-from test_data_qm9 import _write_qm9pack_like
+from qm9_files import _write_qm9pack_like
 
 from taskbalance.bench.runner import RunSpec, execute
 from taskbalance.bench.suites import NASH_MTL_QM9_SINGLE_TASK_MAE, get_suite

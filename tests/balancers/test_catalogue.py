@@ -10,7 +10,7 @@ import torchjd.scalarization
 import taskbalance
 from taskbalance.balancers import catalogue
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_readme_and_docs_tables_are_what_the_registry_generates():
