@@ -42,6 +42,11 @@ def test_kinds_validate_in_the_driver_with_one_line_saying_what_is_accepted():
     with pytest.raises(ValueError, match="topk"):
         validate_run(FORKMERGE, {"main": "a", "topk": [7]}, TASKS)
     validate_run(FORKMERGE, {"main": "a"}, TASKS)
+    # the paper's search and Λ-pruning are bench options too (issue 11)
+    validate_run(FORKMERGE, {"main": "a", "search": "binary", "binary_steps": 3}, TASKS)
+    validate_run(FORKMERGE, {"main": "a", "prune_after": 1, "keep_branches": 1}, TASKS)
+    with pytest.raises(ValueError, match="search"):
+        validate_run(FORKMERGE, {"main": "a", "search": "exhaustive"}, TASKS)
     with pytest.raises(ValueError, match="exactly one hyperparameter 'task'"):
         validate_run(STL, {}, TASKS)
     with pytest.raises(ValueError, match="not a task of the dataset"):

@@ -56,6 +56,7 @@ class ForkMergeKind:
 FORKMERGE_OPTIONS = (
     "main", "targets", "merge_every", "branches", "topk", "alphas", "pruning_steps", "eval_every",
     "branch_checkpoint", "reset_optimizer_on_merge", "merge_scope", "select_final",
+    "search", "binary_steps", "prune_after", "keep_branches",
 )
 
 
