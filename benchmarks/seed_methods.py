@@ -14,7 +14,9 @@ Groups (CPU budget on a quiet 2-core machine: about 30 minutes for all; QM9 grou
   (faithful for K = 2), the extension's ‖d‖ scale;
 * ``ema`` — EMA with β ∈ {0.5, 0.9, 0.99} against EW, UW, DWA (the loss balancers it claims to match) on
   ``synthetic_scales`` (3 seeds) and ``ema-qm9`` on the QM9 demo protocol (2 seeds);
+* ``ema-2task`` — the same EMA variants on the 2-task ``synthetic_mmoe`` problem (a second dataset, 3 seeds);
 * ``bmtl`` — BMTL with T ∈ {1, 5, 25} against EW on ``synthetic_scales`` and ``bmtl-qm9`` on QM9 demo;
+  ``bmtl-2task`` on the 2-task ``synthetic_mmoe`` problem (standardised targets);
 * ``aux`` — ``synthetic_aux`` (target + helpful + noise auxiliaries), 3 seeds: EW, HydaLearn (reconstruction),
   HydaLearn cosine gain, ForkMerge;
 * ``aux-qm9`` — QM9, ZPVE target + 10 auxiliaries, **5 epochs** (the suite has 10), 2 seeds: same methods.
@@ -122,6 +124,8 @@ GROUPS = {
                m("tensioners ×‖d‖", "tensioners", tension_scale="central")), 3,
               claim="faithful tensioners help on 2 conflicting tasks"),
         Group("ema", SCALES, ema_entries(), 3, claim="EMA matches or beats EW/UW/DWA"),
+        Group("ema-2task", TWO_TASK, ema_entries(), 3, claim="EMA matches or beats EW/UW/DWA"),
+        Group("bmtl-2task", TWO_TASK, bmtl_entries(), 3, claim="BMTL beats EW (harder tasks get more weight)"),
         Group("bmtl", SCALES, bmtl_entries(), 3, claim="BMTL beats EW (harder tasks get more weight)"),
         Group("ema-qm9", QM9, ema_entries(), 2, claim="EMA matches or beats EW/UW/DWA"),
         Group("bmtl-qm9", QM9, bmtl_entries(), 2, claim="BMTL beats EW"),
