@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
-
 import torch
 from torch import Tensor
 
-from ..base import LossBalancer
-from ..inputs import NonFinitePolicy
 from ..registry import register
+from ._log_losses import LogLossBalancer
 
 __all__ = ["GeometricLossStrategy"]
 
@@ -22,7 +18,7 @@ __all__ = ["GeometricLossStrategy"]
     "Geometric Loss Strategy for Multi-Task Learning', CVPR Workshops 2019 (arXiv:1904.08492)",
     description="The geometric mean of the task losses: L = (Π_k L_k)^{1/K}.",
 )
-class GeometricLossStrategy(LossBalancer):
+class GeometricLossStrategy(LogLossBalancer):
     """Geometric loss strategy (paper Eq. 2; LibMTL ``GLS``; TorchJD ``GeometricMean``)::
 
         L = (Π_k L_k)^{1/K} = exp( mean_k log L_k )
@@ -41,20 +37,9 @@ class GeometricLossStrategy(LossBalancer):
         on_nonfinite: see :class:`~taskbalance.Balancer`.
     """
 
-    takes_log_of_losses = True
-
-    def __init__(
-        self, tasks: Sequence[str], *, eps: float = 1e-12, on_nonfinite: NonFinitePolicy = "raise"
-    ) -> None:
-        super().__init__(tasks, on_nonfinite=on_nonfinite)
-        if not (math.isfinite(eps) and eps > 0):
-            raise ValueError(f"eps must be a finite number > 0, got {eps}")
-        self.eps = eps
-
     def objective(self, losses: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
-        used = present & (losses.detach() >= self.eps)
-        safe = torch.where(present, losses, torch.ones_like(losses)).clamp_min(self.eps)
+        log_sum, safe, used = self.log_terms(losses, present)
         count = present.sum().to(losses.dtype)
-        total = torch.exp(torch.log(safe).sum() / count)  # absent entries are 1: log 1 = 0
+        total = torch.exp(log_sum / count)
         weights = torch.where(used, total.detach() / (count * safe.detach()), torch.zeros_like(safe))
         return total, weights

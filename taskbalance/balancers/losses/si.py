@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
-
 import torch
 from torch import Tensor
 
-from ..base import LossBalancer
-from ..inputs import NonFinitePolicy
 from ..registry import register
+from ._log_losses import LogLossBalancer
 
 __all__ = ["ScaleInvariantLoss"]
 
@@ -22,7 +18,7 @@ __all__ = ["ScaleInvariantLoss"]
     "ICML 2022 (arXiv:2202.01017), §6",
     description="Sum of log losses: L = Σ_k log L_k (invariant to rescaling any task loss).",
 )
-class ScaleInvariantLoss(LossBalancer):
+class ScaleInvariantLoss(LogLossBalancer):
     """Scale-invariant loss (Navon et al. 2022, §6 baselines: "SI … minimises Σ_k log ℓ_k")::
 
         L = Σ_k log L_k,        w_k = ∂L/∂L_k = 1 / L_k
@@ -41,19 +37,7 @@ class ScaleInvariantLoss(LossBalancer):
         on_nonfinite: see :class:`~taskbalance.Balancer`.
     """
 
-    takes_log_of_losses = True
-
-    def __init__(
-        self, tasks: Sequence[str], *, eps: float = 1e-12, on_nonfinite: NonFinitePolicy = "raise"
-    ) -> None:
-        super().__init__(tasks, on_nonfinite=on_nonfinite)
-        if not (math.isfinite(eps) and eps > 0):
-            raise ValueError(f"eps must be a finite number > 0, got {eps}")
-        self.eps = eps
-
     def objective(self, losses: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
-        used = present & (losses.detach() >= self.eps)
-        safe = torch.where(present, losses, torch.ones_like(losses)).clamp_min(self.eps)
-        total = torch.log(safe).sum()  # absent entries are 1: log 1 = 0
+        total, safe, used = self.log_terms(losses, present)
         weights = torch.where(used, 1.0 / safe.detach(), torch.zeros_like(safe))
         return total, weights
