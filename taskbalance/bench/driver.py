@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..data.base import MultiTaskData
+from ..devices import device_problem
 from .executor import Executor, make_executor
 from .kinds import FORKMERGE, RUN_KINDS, kind_of, validate_run
 from .runner import build_network, load_dataset
@@ -57,28 +58,9 @@ def _load(suite: Suite) -> MultiTaskData:
 
 def check_device(device: str) -> None:
     """:class:`StudyError` unless ``device`` names a torch device this machine has."""
-    import torch
-
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, ValueError, TypeError) as error:
-        message = f"device {device!r} is not a torch device; use cpu, cuda or cuda:N ({error})"
-        raise StudyError(message) from error
-    if parsed.type == "cpu":
-        return
-    if parsed.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise StudyError(
-                f"device {device!r} is not available: torch finds no CUDA GPU on this machine "
-                f"(torch {torch.__version__}); run on a machine with a GPU or use --device cpu"
-            )
-        if parsed.index is not None and parsed.index >= count:
-            raise StudyError(f"device {device!r} is not available: this machine has {count} CUDA GPU(s)")
-        return
-    if parsed.type == "mps" and torch.backends.mps.is_available():
-        return
-    raise StudyError(f"device {device!r} is not available on this machine; use cpu or cuda")
+    problem = device_problem(device)
+    if problem is not None:
+        raise StudyError(problem)
 
 
 def plan_study(

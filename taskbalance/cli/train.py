@@ -50,6 +50,11 @@ def train_command(
     name, options, _ = dataset_source(dataset, csv, target or [], split_features(features))
     hyperparameters = parse_hyperparameters(hp or [])
     check_methods(method)
+    from ..devices import device_problem
+
+    problem = device_problem(device)
+    if problem is not None:
+        fail(problem)
     overrides: dict[str, Any] = {
         k: v for k, v in (("epochs", epochs), ("batch_size", batch_size), ("lr", lr)) if v is not None
     }

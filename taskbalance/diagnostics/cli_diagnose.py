@@ -118,6 +118,11 @@ def diagnose(
             raise typer.BadParameter(f"must be >= 1, got {value}", param_hint=name)
     if not lr > 0:
         raise typer.BadParameter(f"must be > 0, got {lr}", param_hint="--lr")
+    from ..devices import device_problem
+
+    problem = device_problem(device)
+    if problem is not None:
+        raise typer.BadParameter(problem, param_hint="--device")
     data = load(dataset, **_options(option))
     out.mkdir(parents=True, exist_ok=True)
     sinks: list[Sink] = [CSVSink(out / "metrics.csv", append=False)]

@@ -119,3 +119,14 @@ def test_export_errors(tmp_path: Path):
     assert result.exit_code == 2 and "no results store" in result.output
     result = invoke("export", str(tmp_path), "--format", "xlsx")
     assert result.exit_code == 2 and "csv" in result.output
+
+
+def test_an_unusable_device_is_one_line_and_exit_2_in_train_and_diagnose(tmp_path: Path):
+    # cuda:99 exists on no machine this runs on; "gpu0" is not a torch device at all
+    for device, words in (("cuda:99", "not available"), ("gpu0", "not a torch device")):
+        trained = runner.invoke(app, ["train", "--method", "ew", "--dataset", "tiny", "--device", device])
+        assert trained.exit_code == 2, trained.output
+        assert words in trained.output and "Traceback" not in trained.output
+        probed = runner.invoke(app, ["diagnose", "tiny", "--device", device, "--out", str(tmp_path)])
+        assert probed.exit_code == 2, probed.output
+        assert words in probed.output and "Traceback" not in probed.output
