@@ -45,6 +45,8 @@ class BatchingChoice:
         self.mode = mode
         self.chosen: dict[Hashable, Batching] = {}
         self.timings: dict[Hashable, dict[Batching, list[float]]] = {}
+        self.proven: set[Hashable] = set()  # keys where vmap has run without raising
+        self.vmap_failed = False  # a vmap raised (no batching rule, out of memory): new keys start looped
 
     def run(
         self,
@@ -54,23 +56,31 @@ class BatchingChoice:
         reraise: Callable[[RuntimeError], bool] = lambda error: False,
         preferred: Callable[[], Batching] = lambda: "vmap",
     ) -> Result:
-        """``call(mode, retain)`` in the chosen mode. While timing, ``retain=True`` (a vmap trial that raises
-        must leave the graph for the loop); otherwise ``retain=False`` and the caller decides. ``reraise``
+        """``call(mode, retain)`` in the chosen mode. ``retain=True`` while timing and on the first vmap of a
+        key (a vmap that raises must leave the graph for the loop: it may fail deep in the backward, after the
+        upper layers' buffers were freed, e.g. out of memory on a large graph); otherwise ``retain=False`` and
+        the caller decides. After a vmap raised, new keys of this choice start with the loop. ``reraise``
         says which errors of the vmap mode are the caller's (not a missing batching rule). ``preferred``
         gives the rule's mode for a new key (``mode="auto"``; asked once per key)."""
         if self.mode == "auto" and key not in self.chosen:
-            self._remember(key, preferred())
+            self._remember(key, "loop" if self.vmap_failed else preferred())
         fixed = self.chosen.get(key) if self.mode in ("auto", "timed") else self.mode
         if fixed is not None:
             if fixed == "loop":
                 return call("loop", False)
-            try:
-                return call("vmap", False)
+            proven = key in self.proven
+            try:  # until vmap has once worked for this key, keep the graph: a failure deep in the backward
+                result = call("vmap", not proven)  # has freed the upper layers' buffers the loop still needs
             except RuntimeError as error:
                 if reraise(error):
                     raise
                 self._remember(key, "loop")
+                self.vmap_failed = True  # new keys of this model start with the loop too
                 return call("loop", False)
+            if len(self.proven) >= _MAX_KEYS:
+                self.proven.clear()
+            self.proven.add(key)
+            return result
         timings = self.timings.setdefault(key, {"loop": [], "vmap": []})
         candidate: Batching = "vmap" if len(timings["vmap"]) < len(timings["loop"]) else "loop"
         _sync(like)

@@ -98,3 +98,49 @@ def test_the_rule_is_deterministic_so_resumed_runs_stay_bit_exact():
     picks = [c.run("k", lambda mode, trial: mode, losses, preferred=lambda: preferred_mode(losses))
              for c in (first, second) for _ in range(3)]
     assert picks == ["loop"] * 6
+
+
+class _NoVmapBackward(torch.autograd.Function):
+    """Identity whose backward reads a host value: impossible under vmap (raises there), fine in a loop."""
+
+    @staticmethod
+    def forward(ctx, x):  # type: ignore[override]
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        float(grad.sum())  # raises under vmap: the batching fallback must still have the whole graph
+        return grad
+
+
+class _Trunk(nn.Module):
+    def __init__(self, guard: bool) -> None:
+        super().__init__()
+        self.guard = guard
+        self.first, self.second = nn.Linear(4, 8), nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = torch.tanh(self.first(x))
+        return torch.tanh(self.second(_NoVmapBackward.apply(hidden) if self.guard else hidden))
+
+
+@pytest.mark.parametrize("engine", ["gramian", "jacobian"])
+def test_a_vmap_failing_deep_in_the_backward_falls_back_to_the_loop_on_the_same_step(engine):
+    # The vmap pass frees the upper layers' saved tensors before it fails in the lower one; the fallback loop
+    # must still find them (an unproven shape key keeps the graph). The guard is an identity, so the step must
+    # equal the unguarded model's.
+    x = torch.randn(16, 4, generator=torch.Generator().manual_seed(1))
+
+    def step(guard: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        trunk, heads = _Trunk(guard), nn.ModuleList(nn.Linear(8, 1) for _ in range(3))
+        balancer = taskbalance.make("mgda", list("abc"), engine=engine)
+        for _ in range(2):  # the second step reuses the remembered mode of the shape
+            trunk.zero_grad()
+            z = trunk(x)
+            losses = {t: head(z).pow(2).mean() for t, head in zip("abc", heads, strict=True)}
+            balancer.backward(losses, shared=trunk.parameters())
+        return [p.grad.clone() for p in trunk.parameters()]
+
+    for guarded, plain in zip(step(True), step(False), strict=True):
+        torch.testing.assert_close(guarded, plain)
