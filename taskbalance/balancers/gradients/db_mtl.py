@@ -11,6 +11,7 @@ from torch import Tensor
 from ..base import Aggregation, GradientBalancer, GradientLevel, GradientStep
 from ..inputs import NonFinitePolicy
 from ..registry import register
+from ._per_parameter import adopt_shape, sized_to
 
 __all__ = ["DBMTL"]
 
@@ -79,14 +80,7 @@ class DBMTL(GradientBalancer):
     def _prepare(self, step: GradientStep) -> None:
         """Size the EMA at the first step, before the GradScaler guard snapshots the buffers (so a step that
         is rolled back on overflow keeps the sized, zero EMA)."""
-        jacobian = step.require_jacobian("db-mtl")
-        if self.ema.shape[1] == 0:
-            self.ema = jacobian.new_zeros(self.num_tasks, jacobian.shape[1])
-        elif self.ema.shape[1] != jacobian.shape[1]:
-            raise ValueError(
-                f"db-mtl: the shared gradient has {jacobian.shape[1]} entries but the EMA was built for "
-                f"{self.ema.shape[1]}; pass the same shared parameters every step"
-            )
+        self.ema = sized_to(self.ema, step.require_jacobian("db-mtl"), "db-mtl")
 
     def aggregate(self, step: GradientStep) -> Aggregation:
         jacobian, losses, index = step.require_jacobian("db-mtl"), step.losses, step.index
@@ -105,9 +99,7 @@ class DBMTL(GradientBalancer):
         return Aggregation(weights=inverse, direction=alpha @ ema, extras={"alpha": alpha})
 
     def _prepare_load(self, state_dict: Mapping[str, Any], prefix: str) -> None:
-        saved = state_dict.get(prefix + "ema")
-        if isinstance(saved, Tensor) and saved.shape != self.ema.shape:
-            self.ema = self.ema.new_zeros(saved.shape)
+        self.ema = adopt_shape(self.ema, state_dict, prefix + "ema")
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, beta={self.beta}, beta_sigma={self.beta_sigma}"

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ...record import StepRecord
 from ..base import Aggregation, GradientBalancer, GradientLevel, GradientStep
 from ..inputs import NonFinitePolicy
 from ..registry import register
+from ._per_parameter import adopt_shape, sized_to
 
 __all__ = ["ExcessMTL"]
 
@@ -97,33 +97,14 @@ class ExcessMTL(GradientBalancer):
         self.register_buffer("warmup_sum", torch.zeros(k, dtype=torch.float64))
         self.register_buffer("observed", torch.zeros(k, dtype=torch.long))
 
-    def backward(
-        self,
-        losses: Mapping[str, Tensor],
-        *,
-        shared: Iterable[Tensor] | None = None,
-        features: Tensor | Sequence[Tensor] | None = None,
-        **options: Any,
-    ) -> StepRecord:
-        """As :meth:`Balancer.backward`; the first call sizes ``squared_sum`` from ``shared``."""
-        if shared is not None and self.squared_sum.shape[1] == 0:
-            shared = [p for p in shared if p.requires_grad]
-            if shared:  # sized before the step, so a step rolled back (GradScaler overflow) keeps it
-                size = sum(p.numel() for p in shared)
-                self.squared_sum = torch.zeros(
-                    self.num_tasks, size, dtype=torch.float64, device=shared[0].device
-                )
-        return super().backward(losses, shared=shared, features=features, **options)
+    def _prepare(self, step: GradientStep) -> None:
+        """Size the running sums at the first step (after validation, before the GradScaler guard)."""
+        jacobian = step.require_jacobian("excess-mtl")
+        self.squared_sum = sized_to(self.squared_sum, jacobian, "excess-mtl", dtype=torch.float64)
 
     def aggregate(self, step: GradientStep) -> Aggregation:
         jacobian, index = step.require_jacobian("excess-mtl"), step.index
-        if self.squared_sum.shape[1] != jacobian.shape[1]:
-            if self.squared_sum.shape[1] != 0:
-                raise ValueError(
-                    f"excess-mtl: the shared gradient has {jacobian.shape[1]} entries but the state has "
-                    f"for {self.squared_sum.shape[1]}; pass the same shared parameters every step"
-                )
-            self.squared_sum = jacobian.new_zeros(self.num_tasks, jacobian.shape[1], dtype=torch.float64)
+        self._prepare(step)  # no-op inside backward(); sizes the state when aggregate() is called directly
         squared = jacobian.detach().to(torch.float64) ** 2  # g² of float32 gradients overflows from ~1e19
         accumulated = self.squared_sum[index] + squared
         self.squared_sum.index_copy_(0, index, accumulated)
@@ -150,9 +131,7 @@ class ExcessMTL(GradientBalancer):
         return Aggregation(weights.to(step.dtype), extras={"excess_risk": ratio})
 
     def _prepare_load(self, state_dict: Mapping[str, Any], prefix: str) -> None:
-        saved = state_dict.get(prefix + "squared_sum")
-        if isinstance(saved, Tensor) and saved.shape != self.squared_sum.shape:
-            self.squared_sum = self.squared_sum.new_zeros(saved.shape)
+        self.squared_sum = adopt_shape(self.squared_sum, state_dict, prefix + "squared_sum")
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, robust_step_size={self.robust_step_size}, warmup={self.warmup_steps}"

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-from ...record import StepRecord
 from ..base import Aggregation, GradientBalancer, GradientLevel, GradientStep
 from ..inputs import NonFinitePolicy
 from ..registry import register
+from ._per_parameter import adopt_shape, sized_to
 from ._simplex import project_onto_simplex
 
 __all__ = ["MoCo"]
@@ -98,33 +98,14 @@ class MoCo(GradientBalancer):
             "lambd", torch.full((self.num_tasks,), 1.0 / self.num_tasks, dtype=torch.float64)
         )
 
-    def backward(
-        self,
-        losses: Mapping[str, Tensor],
-        *,
-        shared: Iterable[Tensor] | None = None,
-        features: Tensor | Sequence[Tensor] | None = None,
-        **options: Any,
-    ) -> StepRecord:
-        """As :meth:`Balancer.backward`; the first call sizes the tracked gradients from ``shared``."""
-        if shared is not None and self.tracked.shape[1] == 0:
-            shared = [p for p in shared if p.requires_grad]
-            if shared:
-                size = sum(p.numel() for p in shared)
-                self.tracked = torch.zeros(
-                    self.num_tasks, size, dtype=shared[0].dtype, device=shared[0].device
-                )
-        return super().backward(losses, shared=shared, features=features, **options)
+    def _prepare(self, step: GradientStep) -> None:
+        """Size the tracked gradients at the first step (after validation, before the GradScaler guard)."""
+        jacobian = step.require_jacobian("moco")
+        self.tracked = sized_to(self.tracked, jacobian, "moco", dtype=jacobian.dtype)
 
     def aggregate(self, step: GradientStep) -> Aggregation:
         jacobian, index = step.require_jacobian("moco"), step.index
-        if self.tracked.shape[1] != jacobian.shape[1]:
-            if self.tracked.shape[1] != 0:
-                raise ValueError(
-                    f"moco: the shared gradient has {jacobian.shape[1]} entries but the state has "
-                    f"{self.tracked.shape[1]}; pass the same shared parameters every step"
-                )
-            self.tracked = jacobian.new_zeros(self.num_tasks, jacobian.shape[1])
+        self._prepare(step)  # no-op inside backward(); sizes the state when aggregate() is called directly
         t = self.step_count + 1
         beta_t = self.beta / t**self.beta_sigma
         gamma_t = self.gamma / t**self.gamma_sigma
@@ -155,9 +136,7 @@ class MoCo(GradientBalancer):
         )
 
     def _prepare_load(self, state_dict: Mapping[str, Any], prefix: str) -> None:
-        saved = state_dict.get(prefix + "tracked")
-        if isinstance(saved, Tensor) and saved.shape != self.tracked.shape:
-            self.tracked = self.tracked.new_zeros(saved.shape)
+        self.tracked = adopt_shape(self.tracked, state_dict, prefix + "tracked")
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, beta={self.beta}, gamma={self.gamma}, rho={self.rho}"
