@@ -44,10 +44,24 @@ def _base_study(suite: str | None, study: Path | None) -> Any:
     return None
 
 
+def _seeds_groups(suite: str) -> list[str] | None:
+    """The groups of ``--suite seeds[:g1,g2]`` (:mod:`taskbalance.bench.seeds`); ``None`` for a study."""
+    from ..bench.seeds import parse_suite_name
+
+    try:
+        return parse_suite_name(suite)
+    except ValueError as error:
+        fail(str(error))
+
+
 def bench_command(
     study: Annotated[Path | None, typer.Option(help="a TOML study file (see --print-study)")] = None,
     suite: Annotated[
-        str | None, typer.Option(help="a built-in study (demo, quick, qm9-paper, ...; see --print-study)")
+        str | None,
+        typer.Option(
+            help="a built-in study (demo, quick, qm9-paper, ...; see --print-study), or seeds[:group,...] "
+            "(the seed methods against their claims)"
+        ),
     ] = None,
     print_study: Annotated[
         bool, typer.Option("--print-study", help="print the study (after overrides) as TOML and exit")
@@ -121,6 +135,23 @@ def bench_command(
     from ..bench.suites import SUITES, Suite
     from ..train.config import TrainConfig
 
+    if suite is not None and _seeds_groups(suite) is not None:
+        from .seeds import run_seeds_suite
+
+        given = {
+            "--study": study, "--print-study": print_study or None, "--name": name, "--dataset": dataset,
+            "--csv": csv, "--target": target, "--features": features, "--role": role, "--metric": metric,
+            "--methods": methods, "--batch-size": batch_size, "--lr": lr, "--scheduler": scheduler,
+            "--optimizer": optimizer, "--balancer-lr": balancer_lr, "--weight-decay": weight_decay,
+            "--arch": arch, "--model-option": model_option, "--device": device, "--ray-address": ray_address,
+            "--baselines/--no-baselines": baselines,
+        }
+        run_seeds_suite(
+            _seeds_groups(suite) or [], out=out, workers=workers, executor=executor,
+            force_workers=force_workers, epochs=epochs, seeds=seeds, subset=subset,
+            other_flags=[k for k, v in given.items() if v is not None],
+        )
+        return
     base = _base_study(suite, study)
     fingerprint = ""
     if dataset is not None or csv is not None or base is None:
