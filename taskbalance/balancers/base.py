@@ -16,7 +16,11 @@ and nothing is injected into it behind its back; its whole state round-trips thr
 * ``balancer.end_epoch()`` after each epoch (DWA, STCH and GradNorm read epoch-averaged losses, which the
   balancer accumulates itself from the losses it saw);
 * if ``balancer.needs_post_step_losses``: after ``optimizer.step()``, recompute the losses on the same
-  batch under ``torch.no_grad()`` and pass them to ``balancer.after_step(losses)`` (FAMO).
+  batch under ``torch.no_grad()`` and pass them to ``balancer.after_step(losses)`` (FAMO);
+* if ``balancer.extra_batches``: pass ``backward(..., extra_losses=fn)``, a closure returning the losses on
+  the next batch of ``balancer.extra_batch_source`` (Auto-λ, ARML, MoDo, SDMGrad, HydaLearn's held-out
+  variant; :mod:`taskbalance.balancers.extra_batches`, ``docs/extra-batches.md``). It may always be passed:
+  methods that draw no extra batch never call it.
 
 **Scaling out** (``docs/scaling.md``): ``balancer.set_reducer(DistributedReducer())`` makes every rank of a
 data-parallel job take the step one process would take on the global batch (see
@@ -41,6 +45,7 @@ from ..batching import BatchingChoice
 from ..gramian import GramianEngine
 from ..jacobian import accumulate_grad, backward_through, batched_jacobian, reachable_leaves
 from ..record import StepRecord
+from .extra_batches import ExtraBatches, ExtraBatchSource, LossClosure, missing_closure_message
 from .inputs import NonFinitePolicy, TaskLosses, collect_losses, nonfinite_drops, validate_tasks
 from .registry import MethodInfo
 from .state import check_loadable
@@ -111,6 +116,11 @@ class Balancer(nn.Module):
     _screens_gradients: ClassVar[bool] = False
     # State entries whose size is set at the first step (load_state_dict accepts another shape for them).
     resizable_state: ClassVar[tuple[str, ...]] = ()
+    #: Batches beyond the step's own that the method reads per step (the extra-batch protocol); a class
+    #: default that an instance may override (e.g. HydaLearn's ``main_gradient="held_out"``).
+    extra_batches: int = 0
+    #: Where those batches come from: ``"training"`` (independent training batches) or ``"validation"``.
+    extra_batch_source: ExtraBatchSource | None = None
 
     def __init__(self, tasks: Sequence[str], *, on_nonfinite: NonFinitePolicy = "raise") -> None:
         super().__init__()
@@ -124,6 +134,7 @@ class Balancer(nn.Module):
         self.register_buffer("_device_anchor", torch.zeros(()), persistent=False)
         self._reducer: Reducer | None = None  # transient: not part of the state
         self._grad_scale: Tensor | None = None  # set only during backward(..., scaler=...)
+        self._extra_losses: LossClosure | None = None  # set only during backward(..., extra_losses=...)
 
     @property
     def num_tasks(self) -> int:
@@ -158,6 +169,7 @@ class Balancer(nn.Module):
         shared: Iterable[Tensor] | None = None,
         features: Tensor | Sequence[Tensor] | None = None,
         scaler: Any = None,
+        extra_losses: LossClosure | None = None,
     ) -> StepRecord:
         """Back-propagate the balanced combination of ``losses``; replaces ``loss.backward()``.
 
@@ -173,10 +185,26 @@ class Balancer(nn.Module):
                 gradients; the backward passes run on scaled losses and ``.grad`` is left *scaled*, so
                 ``scaler.step(optimizer)`` / ``scaler.update()`` follow as usual (they unscale, and skip the
                 step on overflow). On an overflowing step a gradient method's buffers are restored on-device.
+            extra_losses: the extra-batch closure (required when :attr:`extra_batches` > 0, never called
+                otherwise): each call evaluates the model, with its current parameters and under autograd, on
+                the next batch of :attr:`extra_batch_source` and returns ``{task: scalar loss}``. See
+                :mod:`taskbalance.balancers.extra_batches`.
 
         Returns:
             A :class:`~taskbalance.StepRecord` of detached tensors (weights, losses, skipped tasks).
         """
+        if self.extra_batches:
+            if extra_losses is None:
+                raise ValueError(
+                    missing_closure_message(self.info.name, self.extra_batches, str(self.extra_batch_source))
+                )
+            if not callable(extra_losses):
+                raise TypeError(f"extra_losses must be a callable, got {type(extra_losses).__name__}")
+            if self._reducer is not None:
+                raise NotImplementedError(
+                    f"{self.info.name} draws extra batches, which is not supported under data parallelism "
+                    "(set_reducer) yet; train it in one process"
+                )
         if self._reducer is not None:
             losses = self._reducer.globalize_losses(losses, self.tasks)
         batch = collect_losses(
@@ -196,10 +224,12 @@ class Balancer(nn.Module):
             self.to(batch.values.device)
         # plain attribute writes: nn.Module.__setattr__ costs microseconds on every step
         object.__setattr__(self, "_grad_scale", self._scale_of(scaler, batch.values.device))
+        object.__setattr__(self, "_extra_losses", extra_losses if self.extra_batches else None)
         try:
             record = self._step(batch, shared=shared, features=features)
         finally:
             object.__setattr__(self, "_grad_scale", None)
+            object.__setattr__(self, "_extra_losses", None)
         object.__setattr__(self, "step_count", self.step_count + 1)
         return record
 
@@ -361,6 +391,9 @@ class GradientStep:
             the engine computed only the Gramian (methods whose :attr:`GradientBalancer.needs` is
             ``"gramian"``).
         dtype: the dtype of the update the engine will assemble (weights are cast to it).
+        extra: the step's extra batches (:class:`~taskbalance.balancers.extra_batches.ExtraBatches`) for
+            methods that declare :attr:`Balancer.extra_batches`; ``None`` otherwise. Draw from it before
+            changing any state, so that an error on an extra batch leaves the method as it was.
 
     :attr:`gramian` is the ``k × k`` matrix ``J Jᵀ`` in float64, computed once on first use (from the
     Jacobian widened to float64, so the Gramian is exact to float64 rounding whatever the model's dtype), or
@@ -372,6 +405,7 @@ class GradientStep:
     jacobian: Tensor | None = None
     dtype: torch.dtype = torch.float32
     precomputed_gramian: Tensor | None = None
+    extra: ExtraBatches | None = None
 
     @classmethod
     def of(cls, jacobian: Tensor, losses: Tensor | None = None, index: Tensor | None = None) -> GradientStep:
@@ -422,6 +456,7 @@ class GradientStep:
             jacobian=None if self.jacobian is None else self.jacobian[keep],
             dtype=self.dtype,
             precomputed_gramian=None if gramian is None else gramian[keep][:, keep],
+            extra=self.extra,
         )
 
     def require_jacobian(self, what: str = "this method") -> Tensor:
@@ -557,6 +592,8 @@ class GradientBalancer(Balancer):
     def _uses_gramian_engine(self) -> bool:
         if self.gradients != "parameters" or self.needs != "gramian" or self.engine == "jacobian":
             return False
+        if self.extra_batches:  # the extra batches' gradients are Jacobian rows
+            return False
         return self.engine == "gramian" or self.on_nonfinite != "skip"
 
     def _index_tensor(self, index: list[int], device: torch.device) -> Tensor:
@@ -684,7 +721,17 @@ class GradientBalancer(Balancer):
         if self._reducer is not None:
             jacobian = self._reducer.reduce_jacobian(jacobian, self.gradients)
         index = self._index_tensor(batch.index, roots.device)
-        return GradientStep(losses=roots.detach(), index=index, jacobian=jacobian, dtype=jacobian.dtype)
+        extra = None
+        if self._extra_losses is not None:
+            if shared_list is None:
+                raise ValueError(f"{self.info.name} draws extra batches and needs shared= parameters")
+            extra = ExtraBatches(
+                self._extra_losses, source=str(self.extra_batch_source), limit=self.extra_batches,
+                parameters=shared_list, method=self.info.name, batching=self._batching,
+            )
+        return GradientStep(
+            losses=roots.detach(), index=index, jacobian=jacobian, dtype=jacobian.dtype, extra=extra
+        )
 
     def _screen(
         self, batch: TaskLosses, step: GradientStep, inputs: list[Tensor]

@@ -54,12 +54,20 @@ class MethodInfo:
 
     @property
     def cost(self) -> str:
-        """Cost class: how many backward passes a step needs compared with a summed loss."""
+        """Cost class: how many backward passes a step needs compared with a summed loss, and how many
+        batches beyond the step's own it reads (the extra-batch protocol, e.g. ``"K batched VJPs + 2 extra
+        training batches"``)."""
         if self.family == "loss":
-            return "1 backward"
-        if self.feature_level == "only":
-            return "K feature VJPs + 1 backward"
-        return "K batched VJPs"
+            base = "1 backward"
+        elif self.feature_level == "only":
+            base = "K feature VJPs + 1 backward"
+        else:
+            base = "K batched VJPs"
+        extra = int(getattr(self.cls, "extra_batches", 0))
+        if extra:
+            source = getattr(self.cls, "extra_batch_source", None) or "extra"
+            base += f" + {extra} extra {source} batch{'es' if extra != 1 else ''}"
+        return base
 
 
 _REGISTRY: dict[str, MethodInfo] = {}

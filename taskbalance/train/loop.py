@@ -9,7 +9,9 @@
     result.test          # test metrics of the epoch chosen on the validation split
 
 The loop follows the balancer protocol of :mod:`taskbalance.balancers.base` and nothing more: ``backward``
-per step, ``after_step`` when the method asks for it, ``end_epoch`` after each epoch. Tasks with no labelled
+per step, ``after_step`` when the method asks for it, ``end_epoch`` after each epoch, and the ``extra_losses``
+closure for methods that draw extra batches (from the validation or training split, see
+:mod:`taskbalance.train.extra_batches`). Tasks with no labelled
 sample in a batch are left out of that step's ``losses`` mapping. Nothing in a step reads a device tensor on
 the host: losses, weights and metric sums are accumulated on the device and read once per epoch.
 """
@@ -29,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from ..balancers.base import Balancer
+from ..balancers.extra_batches import LossClosure
 from ..data.base import MultiTaskData, Split
 from ..data.metrics import METRICS, task_metrics
 from ..data.tasks import Task
@@ -44,6 +47,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import TrainConfig
+from .extra_batches import extra_batch_stream, loss_closure
 
 __all__ = [
     "fit", "evaluate", "evaluate_metrics", "FitResult", "seed_everything", "selection_score", "EpochCallback",
@@ -265,6 +269,9 @@ def fit(
             min_lr=config.min_lr,
         )
     generator = torch.Generator()
+    by_name = {t.name: t for t in tasks}
+    stream = extra_batch_stream(balancer, data, config.batch_size, seed)
+    extra_losses = loss_closure(model, stream, tasks, device) if stream is not None else None
     state: dict[str, Any] = {
         "epoch": 0, "history": [], "weights": [], "reference": None, "best": None,
         "train_seconds": 0.0, "steps": 0,
@@ -282,6 +289,8 @@ def fit(
         if scheduler is not None:
             scheduler.load_state_dict(saved["scheduler"])
         restore_rng(generator, saved["rng"])
+        if stream is not None and saved.get("extra_batches") is not None:
+            stream.load_state_dict(saved["extra_batches"])
         state = saved["loop"]
     else:
         generator.manual_seed(seed)
@@ -291,7 +300,6 @@ def fit(
 
     fully_labelled = {n: bool(data.train.mask[n].all()) for n in names}
     partial = [n for n in names if not fully_labelled[n]]
-    by_name = {t.name: t for t in tasks}
     steps_per_epoch = math.ceil(len(data.train) / config.batch_size)
     with Progress("train", progress, config.epochs, steps_per_epoch, start_epoch=state["epoch"]) as bars:
         for epoch in range(state["epoch"] + 1, config.epochs + 1):
@@ -305,7 +313,10 @@ def fit(
                 if not present:
                     bars.step()
                     continue
-                record = train_step(model, trunk, balancer, optimizer, by_name, present, x, y, mask, device)
+                record = train_step(
+                    model, trunk, balancer, optimizer, by_name, present, x, y, mask, device,
+                    extra_losses=extra_losses,
+                )
                 loss_sum += record.losses.detach().to(loss_sum.dtype)
                 present_sum += record.present.to(present_sum.dtype)
                 step_weights.append(record.weights.detach())
@@ -359,6 +370,7 @@ def fit(
                         "scheduler": scheduler.state_dict() if scheduler is not None else None,
                         "balancer": balancer.state_dict(),
                         "rng": capture_rng(generator),
+                        "extra_batches": stream.state_dict() if stream is not None else None,
                         "loop": state,
                     },
                     path,
@@ -402,6 +414,7 @@ def train_step(
     mask: Mapping[str, Tensor],
     device: torch.device,
     loss_weights: Mapping[str, float] | None = None,
+    extra_losses: LossClosure | None = None,
 ) -> StepRecord:
     """One optimisation step of the trainer: forward, each present task's loss, ``balancer.backward``,
     ``optimizer.step()``, and ``balancer.after_step`` when the method asks for the post-step losses.
@@ -409,7 +422,9 @@ def train_step(
     ``present`` are the tasks with a labelled sample in the batch (see :func:`fit`); ``tasks`` maps names
     to :class:`~taskbalance.data.Task`; ``trunk`` is the model's shared part (``shared=`` of the balancer).
     ``loss_weights`` multiplies each task's loss before balancing (ForkMerge's branch weights ``ν_t``; our
-    extension of the step, default none). :func:`fit` and the ForkMerge run kind both train through it.
+    extension of the step, default none). ``extra_losses`` is the extra-batch closure handed to
+    ``balancer.backward`` (:func:`taskbalance.train.extra_batches.loss_closure`). :func:`fit` and the
+    ForkMerge run kind both train through it.
     """
     x = x.to(device)
     optimizer.zero_grad(set_to_none=True)
@@ -423,7 +438,9 @@ def train_step(
             losses = {n: loss_weights[n] * loss for n, loss in losses.items()}
         return losses
 
-    record = balancer.backward(task_losses(predictions), shared=trunk.parameters(), features=features)
+    record = balancer.backward(
+        task_losses(predictions), shared=trunk.parameters(), features=features, extra_losses=extra_losses
+    )
     optimizer.step()
     if balancer.needs_post_step_losses:
         with torch.no_grad():

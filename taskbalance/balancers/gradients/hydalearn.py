@@ -80,9 +80,10 @@ class HydaLearn(GradientBalancer):
     * ``gain="cosine"``: ``w_a = max(cos(h, g_a), 0) · ‖g_m‖ / ‖g_a‖``, so each auxiliary contributes at most
       ``‖g_m‖`` whatever its scale (with ``h = g_m``: ``w_a g_a`` is ``g_m``'s projection on ``g_a``);
     * ``main_gradient="held_out"``: the gains use ``h`` = the main task's gradient on a **held-out batch**
-      (pass ``backward(..., held_out_main_loss=L)``, the main loss on e.g. a validation batch, with its
-      graph), as the authors' follow-up SLGrad does: the same batch's noise no longer correlates ``g_m`` and
-      ``g_a``. First order only, shared parameters only; ``δ_m = ⟨h, g_m⟩``.
+      (the extra-batch protocol: one **validation** batch per step through ``backward(...,
+      extra_losses=fn)``, supplied by ``fit`` and the benchmark), as the authors' follow-up SLGrad does: the
+      same batch's noise no longer correlates ``g_m`` and ``g_a``. First order only, shared parameters
+      only; ``δ_m = ⟨h, g_m⟩``.
 
     ``normalize``: ``None`` (default: ``w_m = 1``), ``"sum_to_K"`` or ``"sum_to_1"`` rescale the weights of
     the present tasks. The shared update is ``Σ_k w_k g_k``; heads get ``w_k ∇L_k`` (``scale_heads = True``,
@@ -141,7 +142,9 @@ class HydaLearn(GradientBalancer):
         self.gain: Gain = gain
         self.main_gradient: MainGradient = main_gradient
         self.needs = "jacobian" if mode == "exact" or main_gradient == "held_out" else "gramian"
-        self._held_out: Tensor | None = None
+        if main_gradient == "held_out":  # the extra-batch protocol: one validation batch per step
+            self.extra_batches = 1
+            self.extra_batch_source = "validation"
         self.lookahead_lr = lookahead_lr
         self.clip_negative = clip_negative
         self.normalize: Normalize | None = normalize
@@ -156,7 +159,6 @@ class HydaLearn(GradientBalancer):
         shared: Iterable[Tensor] | None = None,
         features: Tensor | Sequence[Tensor] | None = None,
         main_loss_at: MainLossAt | None = None,
-        held_out_main_loss: Tensor | None = None,
         **options: Any,
     ) -> StepRecord:
         """As :meth:`Balancer.backward`, plus the exact mode's look-ahead closure.
@@ -176,24 +178,11 @@ class HydaLearn(GradientBalancer):
                 (no in-place state updates, no data-dependent Python control flow) all points run in one
                 batched call. Randomness (dropout) or running statistics updated by the closure add noise to
                 the gains: evaluate deterministically if you can.
-            held_out_main_loss: required with ``main_gradient="held_out"`` (ignored otherwise): the main
-                task's loss on a held-out batch, computed from the model under autograd; only its gradient
-                w.r.t. the shared parameters is used (the heads' ``.grad`` is not touched).
+            extra_losses: required with ``main_gradient="held_out"`` (the extra-batch protocol,
+                :mod:`taskbalance.balancers.extra_batches`): a closure returning the losses on the next
+                **validation** batch; only the main task's gradient w.r.t. the shared parameters is used (the
+                heads' ``.grad`` is not touched). :func:`taskbalance.train.fit` and the benchmark supply it.
         """
-        if self.main_gradient == "held_out":
-            if held_out_main_loss is None:
-                raise ValueError(
-                    "hydalearn main_gradient='held_out' needs backward(..., held_out_main_loss=L), the main "
-                    "loss on a held-out batch"
-                )
-            if shared is None:
-                raise ValueError("hydalearn needs the shared parameters: backward(losses, shared=...)")
-            shared = [p for p in shared if p.requires_grad]
-            grads = torch.autograd.grad(held_out_main_loss, shared, allow_unused=True)
-            self._held_out = torch.cat(
-                [(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, shared,
-                                                                                             strict=True)]
-            )
         if self.mode == "exact":
             if main_loss_at is None:
                 raise ValueError(
@@ -209,7 +198,6 @@ class HydaLearn(GradientBalancer):
             return super().backward(losses, shared=shared, features=features, **options)
         finally:
             self._main_loss_at, self._shared, self._main_absent = None, None, False
-            self._held_out = None
 
     def aggregate(self, step: GradientStep) -> Aggregation:
         is_main = step.index == self.main_index
@@ -217,10 +205,11 @@ class HydaLearn(GradientBalancer):
         if self.mode == "exact" and not self._main_absent:
             gain = self._exact_gains(step.require_jacobian("hydalearn mode='exact'"))
         elif self.main_gradient == "held_out":  # ⟨h, g_k⟩ with h the held-out main gradient
-            if self._held_out is None:
-                raise RuntimeError("hydalearn held_out: call backward(..., held_out_main_loss=L)")
+            if step.extra is None:
+                raise RuntimeError("hydalearn held_out: call backward(..., extra_losses=fn)")
             jacobian = step.require_jacobian("hydalearn main_gradient='held_out'")
-            gain = jacobian @ self._held_out.to(jacobian.dtype)
+            held_out = step.extra.gradient([self.main]).to(jacobian.dtype)
+            gain = jacobian @ held_out
         else:  # first order: ⟨g_m, g_k⟩ per unit step
             gain = (step.gramian @ is_main.to(torch.float64)).to(step.dtype)
         main_gain = (gain * main_onehot).sum()
@@ -228,8 +217,8 @@ class HydaLearn(GradientBalancer):
         if self.gain == "cosine":  # cos(h, g_a) ‖g_m‖ / ‖g_a‖
             norm_sq = step.gramian.diagonal().to(gain.dtype)
             main_norm = (norm_sq * main_onehot).sum().sqrt()
-            if self.main_gradient == "held_out" and self._held_out is not None:
-                h_norm = self._held_out.norm().to(gain.dtype)
+            if self.main_gradient == "held_out":
+                h_norm = held_out.norm().to(gain.dtype)
             else:
                 h_norm = main_norm
             scale = main_norm / (h_norm * norm_sq).clamp_min(1e-300)

@@ -56,9 +56,11 @@ def test_held_out_gains_use_the_held_out_main_gradient():
     for gain in ("projection", "cosine"):
         model.zero_grad(set_to_none=True)
         _, losses = toy_losses(model, x, y)
-        _, held = toy_losses(model, x_val, y_val)
         balancer = taskbalance.make("hydalearn", TASKS, main="a", main_gradient="held_out", gain=gain)
-        record = balancer.backward(losses, shared=model.trunk.parameters(), held_out_main_loss=held["a"])
+        assert (balancer.extra_batches, balancer.extra_batch_source) == (1, "validation")
+        record = balancer.backward(
+            losses, shared=model.trunk.parameters(), extra_losses=lambda: toy_losses(model, x_val, y_val)[1]
+        )
         delta = jacobian @ h
         torch.testing.assert_close(record.extras["gain"], delta)
         if gain == "projection":
@@ -75,7 +77,7 @@ def test_held_out_mode_says_what_it_needs():
     model, x, y = setup()
     _, losses = toy_losses(model, x, y)
     balancer = taskbalance.make("hydalearn", TASKS, main_gradient="held_out")
-    with pytest.raises(ValueError, match="held_out_main_loss"):
+    with pytest.raises(ValueError, match="extra_losses=fn"):
         balancer.backward(losses, shared=model.trunk.parameters())
     with pytest.raises(ValueError, match="gradients='parameters'"):
         taskbalance.make("hydalearn", TASKS, main_gradient="held_out", gradients="features")
