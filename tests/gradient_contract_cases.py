@@ -47,8 +47,19 @@ def forward(model: ToyMultiTask, step: int) -> tuple[torch.Tensor, dict[str, tor
     return toy_losses(model, x, y)
 
 
+def extra_losses_of(model, balancer):
+    """The extra-batch closure: a deterministic batch per (step, draw), so runs and resumes replay it."""
+    draws = iter(range(1000))
+
+    def extra_losses():
+        return forward(model, 10_000 + 10 * balancer.step_count + next(draws))[1]
+
+    return extra_losses
+
+
 def backward(balancer, model, losses, z, **overrides):
-    kwargs = {"shared": list(model.trunk.parameters()), "features": z, **overrides}
+    kwargs = {"shared": list(model.trunk.parameters()), "features": z,
+              "extra_losses": extra_losses_of(model, balancer), **overrides}
     return balancer.backward(losses, **kwargs)
 
 

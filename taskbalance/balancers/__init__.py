@@ -1,7 +1,7 @@
 """Balancing methods, grouped by what they consume: ``losses/`` and ``gradients/``."""
 
 from .base import Aggregation, Balancer, GradientBalancer, GradientStep, LossBalancer
-from .extra_batches import ExtraBatches, LossClosure
+from .extra_batches import ExtraBatches, LossClosure, ReplayedExtraBatches
 from .registry import MethodInfo, available, make, method_info, register
 
 __all__ = [
@@ -13,6 +13,7 @@ __all__ = [
     "LossBalancer",
     "LossClosure",
     "MethodInfo",
+    "ReplayedExtraBatches",
     "available",
     "make",
     "method_info",

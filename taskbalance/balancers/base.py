@@ -408,15 +408,22 @@ class GradientStep:
     extra: ExtraBatches | None = None
 
     @classmethod
-    def of(cls, jacobian: Tensor, losses: Tensor | None = None, index: Tensor | None = None) -> GradientStep:
+    def of(
+        cls,
+        jacobian: Tensor,
+        losses: Tensor | None = None,
+        index: Tensor | None = None,
+        extra: ExtraBatches | None = None,
+    ) -> GradientStep:
         """A step from a ``(k, P)`` Jacobian (losses default to ones, index to ``0..k-1``): for experiments
-        and tests that call :meth:`GradientBalancer.aggregate` directly."""
+        and tests that call :meth:`GradientBalancer.aggregate` directly. ``extra``: the extra batches of
+        methods that draw them, e.g. a :class:`~taskbalance.balancers.extra_batches.ReplayedExtraBatches`."""
         k = jacobian.shape[0]
         if losses is None:
             losses = torch.ones(k, dtype=jacobian.dtype, device=jacobian.device)
         if index is None:
             index = torch.arange(k, device=jacobian.device)
-        return cls(losses=losses, index=index, jacobian=jacobian, dtype=jacobian.dtype)
+        return cls(losses=losses, index=index, jacobian=jacobian, dtype=jacobian.dtype, extra=extra)
 
     @cached_property
     def gramian(self) -> Tensor:
@@ -825,7 +832,8 @@ class GradientBalancer(Balancer):
                 for g, x in zip(grads, inputs, strict=True)
             ]
             jacobian[i] = torch.cat(pieces).to(jacobian.dtype)
-        return GradientStep(losses=step.losses, index=step.index, jacobian=jacobian, dtype=step.dtype)
+        return GradientStep(losses=step.losses, index=step.index, jacobian=jacobian, dtype=step.dtype,
+                            extra=step.extra)
 
     def _write_gradients(
         self,

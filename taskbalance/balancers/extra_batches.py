@@ -38,7 +38,9 @@ from ..batching import BatchingChoice
 from ..errors import NonFiniteGradientError, NonFiniteLossError
 from ..jacobian import batched_jacobian
 
-__all__ = ["ExtraBatchSource", "LossClosure", "ExtraBatches", "missing_closure_message"]
+__all__ = [
+    "ExtraBatchSource", "LossClosure", "ExtraBatches", "ReplayedExtraBatches", "missing_closure_message",
+]
 
 ExtraBatchSource = Literal["training", "validation"]
 LossClosure = Callable[[], Mapping[str, Tensor]]
@@ -181,3 +183,34 @@ class ExtraBatches:
             for parameter, piece in zip(self.parameters, at.split(sizes), strict=True):
                 parameter.data.add_(piece.reshape(parameter.shape).to(parameter.dtype))
         return saved
+
+
+class ReplayedExtraBatches(ExtraBatches):
+    """Extra batches replayed from fixed Jacobians, for experiments and tests that call
+    :meth:`~taskbalance.balancers.base.GradientBalancer.aggregate` directly on given gradients.
+
+    Draw ``i`` returns the rows of ``jacobians[i]`` for the requested tasks (row ``j`` of each matrix is the
+    gradient of ``tasks[j]``). A replay has no model: its gradients are the same wherever a virtual step
+    (``at=``) would move the parameters (as for a model linear in its parameters), and :meth:`losses` is not
+    available.
+    """
+
+    def __init__(self, jacobians: Sequence[Tensor], tasks: Sequence[str], *, source: str = "training",
+                 method: str = "replay") -> None:
+        super().__init__(self._no_model, source=source, limit=len(jacobians), parameters=[], method=method)
+        self._jacobians = list(jacobians)
+        self._rows = {task: i for i, task in enumerate(tasks)}
+
+    @staticmethod
+    def _no_model() -> Mapping[str, Tensor]:
+        raise RuntimeError("a replay of fixed Jacobians has no model to evaluate")
+
+    def losses(self, tasks: Sequence[str]) -> dict[str, Tensor]:
+        raise RuntimeError("a replay of fixed Jacobians has no losses; only jacobian()/gradient()")
+
+    def jacobian(self, tasks: Sequence[str], *, at: Tensor | None = None) -> Tensor:
+        if self.drawn >= self.limit:
+            raise RuntimeError(f"the replay holds {self.limit} batch(es); {self.method} drew more")
+        matrix = self._jacobians[self.drawn]
+        self.drawn += 1
+        return matrix[[self._rows[t] for t in tasks]]

@@ -10,7 +10,7 @@ from toy import ToyMultiTask, toy_batch, toy_losses
 
 import taskbalance
 from taskbalance import NonFiniteGradientError, NonFiniteLossError
-from taskbalance.balancers import ExtraBatches
+from taskbalance.balancers import ExtraBatches, ReplayedExtraBatches
 from taskbalance.balancers.registry import MethodInfo
 
 TASKS = ["a", "b", "c"]
@@ -177,3 +177,27 @@ def test_the_cost_class_counts_extra_batches():
     assert info(TwoTrainingBatches).cost == "K batched VJPs + 2 extra training batches"
     assert info(OneValidationBatch).cost == "K batched VJPs + 1 extra validation batch"
     assert info(object).cost == "K batched VJPs"
+
+
+@pytest.mark.parametrize("poison", ["loss", "gradient"])
+def test_skipping_a_nonfinite_task_keeps_the_extra_batches_for_the_rest(poison):
+    model, (x, y), (x_val, y_val) = setup()
+    z, losses = toy_losses(model, x, y)
+    if poison == "loss":
+        losses["b"] = losses["b"] * float("nan")
+    else:  # the slow path that recomputes the flagged rows one task at a time
+        losses["b"] = losses["b"] + torch.sqrt((z * 0).sum())
+    balancer = taskbalance.make("hydalearn", TASKS, main="a", main_gradient="held_out", on_nonfinite="skip")
+    record = balancer.backward(losses, shared=model.trunk.parameters(),
+                               extra_losses=lambda: toy_losses(model, x_val, y_val)[1])
+    assert "b" in record.skipped and float(record.weights[1]) == 0.0
+    assert all(bool(torch.isfinite(p.grad).all()) for p in model.trunk.parameters())
+
+
+def test_a_replay_hands_out_its_fixed_jacobians_by_task_name_once_each():
+    first, second = torch.arange(6.0).reshape(3, 2), -torch.arange(6.0).reshape(3, 2)
+    replay = ReplayedExtraBatches([first, second], ["a", "b", "c"])
+    torch.testing.assert_close(replay.jacobian(["c", "a"]), first[[2, 0]])
+    torch.testing.assert_close(replay.gradient(["b"], at=torch.ones(2)), second[1])
+    with pytest.raises(RuntimeError, match="holds 2 batch"):
+        replay.jacobian(["a"])

@@ -9,6 +9,7 @@ import torch
 
 import taskbalance
 from taskbalance.balancers.base import Aggregation, GradientStep
+from taskbalance.balancers.extra_batches import ReplayedExtraBatches
 
 TASKS = ["a", "b", "c", "d"]
 GRADIENT_METHODS = sorted(m.name for m in taskbalance.available() if m.family == "gradient")
@@ -43,7 +44,10 @@ def aggregate(
     index = torch.arange(k) if perm is None else perm
     rows = jacobian if perm is None else jacobian[perm]
     losses = torch.linspace(1.0, 2.0, k, dtype=jacobian.dtype)
-    return balancer.aggregate(GradientStep.of(rows, losses if perm is None else losses[perm], index))
+    # methods that draw extra batches (MoDo, SDMGrad, Auto-λ, …) see the same gradients on every batch
+    extra_batches = ReplayedExtraBatches([rows] * balancer.extra_batches, [TASKS[i] for i in index.tolist()])
+    step = GradientStep.of(rows, losses if perm is None else losses[perm], index, extra=extra_batches)
+    return balancer.aggregate(step)
 
 
 def direction(name: str, jacobian: torch.Tensor, perm: torch.Tensor | None = None) -> torch.Tensor:
