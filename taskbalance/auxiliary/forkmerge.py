@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..balancers.inputs import validate_tasks
+from ..train.checkpoint import read_state_file
 from .branch import (
     BalancerFactory,
     BranchJob,
@@ -509,7 +510,7 @@ class ForkMerge:
 
     def _load_if_present(self) -> None:
         if self.checkpoint_path is not None and self.checkpoint_path.exists():
-            self.load_state_dict(torch.load(self.checkpoint_path, weights_only=True))
+            self.load_state_dict(read_state_file(self.checkpoint_path))
 
     # ------------------------------------------------------------------ steps of the algorithm
     def rank_auxiliaries(self, pruning_steps: int | None = None, *,

@@ -34,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import pickle
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -219,7 +220,7 @@ def qm9_arrays(source: str | os.PathLike[str] | None = None, *, use_cache: bool 
             cached = torch.load(path, weights_only=True)
             if isinstance(cached, dict) and cached.get("version") == torch.tensor(_CACHE_VERSION):
                 return {k: v for k, v in cached.items() if k != "version"}
-        except (RuntimeError, OSError, EOFError, ValueError):
+        except (RuntimeError, OSError, EOFError, ValueError, KeyError, TypeError, pickle.UnpicklingError):
             pass  # a corrupt or partial cache file is rebuilt
     raw = read_qm9_tables(files)
     eig = coulomb_eigenvalues(raw["charges"], raw["positions"])

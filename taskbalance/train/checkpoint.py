@@ -12,7 +12,8 @@ from typing import Any
 import torch
 
 __all__ = [
-    "save_checkpoint", "load_checkpoint", "capture_rng", "restore_rng", "CHECKPOINT_FORMAT",
+    "save_checkpoint", "load_checkpoint", "read_state_file", "capture_rng", "restore_rng",
+    "CHECKPOINT_FORMAT",
     "CheckpointError", "CheckpointMismatchError", "set_aside", "run_identity", "check_identity",
 ]
 
@@ -63,6 +64,25 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
         raise
 
 
+def read_state_file(path: str | Path) -> Any:
+    """``torch.load(path, weights_only=True)`` onto the CPU, with a corrupt file reported as such.
+
+    Raises:
+        CheckpointError: the file cannot be read (truncated, corrupt, unreadable); the message names it and
+            the fix. A missing file raises ``FileNotFoundError`` as usual.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # zip/pickle/EOF/OS errors of a truncated or corrupt file all land here
+        raise CheckpointError(
+            path, f"checkpoint {path} is unreadable (truncated or corrupt: {type(error).__name__}: "
+            f"{_first_line(error)}); move it aside or delete it to start the run afresh"
+        ) from error
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint with ``torch.load(weights_only=True)`` (no arbitrary unpickling) onto the CPU.
 
@@ -71,15 +91,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             checkpoint; the message names the file. A missing file raises ``FileNotFoundError`` as usual.
     """
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # zip/pickle/EOF/OS errors of a truncated or corrupt file all land here
-        raise CheckpointError(
-            path, f"checkpoint {path} is unreadable (truncated or corrupt: {type(error).__name__}: "
-            f"{_first_line(error)}); move it aside or delete it to start the run afresh"
-        ) from error
+    state = read_state_file(path)
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(path, f"{path} is not a taskbalance checkpoint (format {CHECKPOINT_FORMAT})")
     return state

@@ -246,6 +246,17 @@ def test_checkpoint_of_a_different_configuration_is_refused(tmp_path):
         forkmerge(problem, checkpoint_dir=tmp_path, merge_every=5).fit()
 
 
+def test_a_corrupt_checkpoint_is_reported_with_its_path_and_the_fix(tmp_path):
+    from taskbalance.train import CheckpointError
+
+    problem = Problem.make()
+    forkmerge(problem, checkpoint_dir=tmp_path).fit(max_segments=1)
+    (checkpoint,) = tmp_path.glob("*.pt")
+    checkpoint.write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match=f"{checkpoint.name} is unreadable.*delete it"):
+        forkmerge(problem, checkpoint_dir=tmp_path).fit()
+
+
 # ---------------------------------------------------------------------- ranking and branches
 def test_rank_auxiliaries_puts_the_helpful_task_before_the_noise():
     problem = Problem.make(noise_scale=6.0)

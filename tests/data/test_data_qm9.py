@@ -175,3 +175,15 @@ def test_real_qm9pack_has_130831_molecules() -> None:
     assert -80_000 < u0.offset < -70_000 and 5_000 < u0.scale < 15_000
     reduced = load("qm9")
     assert (len(reduced.train), len(reduced.val), len(reduced.test)) == (16_000, 2_000, 2_000)
+
+
+def test_a_cache_file_that_is_not_a_torch_file_is_rebuilt(
+    fake_qm9: tuple[Path, list[dict[str, object]]],
+) -> None:
+    folder, _ = fake_qm9
+    first = qm9_module.qm9_arrays(folder)
+    (cache,) = (folder.parent / "cache").glob("qm9_*.pt")
+    cache.write_bytes(b"garbage")  # torch.load raises pickle.UnpicklingError on it
+    again = qm9_module.qm9_arrays(folder)
+    assert torch.equal(first["x"], again["x"])
+    assert torch.load(cache, weights_only=True)["x"].shape == first["x"].shape  # rewritten
