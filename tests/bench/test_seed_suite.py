@@ -20,12 +20,12 @@ def test_tiny_seeds_suite_runs_and_judges_every_claim(tmp_path: Path):
     outcome = run_groups(names, tmp_path, make_executor(1), epochs=1, seeds=2, size=200)
     assert [m.group for m in outcome.measures] == names
     # tensioners-2task shares the single-task baselines and EW with bmtl-2task (same protocol, one store)
-    runs = {"bmtl-2task": 2 * 2 + 4 * 2, "tensioners-2task": 2 * 1, "aux": 2 * 1 + 4 * 2}
+    runs = {"bmtl-2task": 2 * 2 + 4 * 2, "tensioners-2task": 2 * 1, "aux": 2 * 1 + 5 * 2}
     assert outcome.executed == sum(runs.values())
     assert {(r.claim.method, r.variant) for r in outcome.rows} == {
         ("BMTL", "bmtl T=1"), ("BMTL", "bmtl T=5"), ("BMTL", "bmtl T=25"),
         ("tensioners", "tensioners (faithful)"),
-        ("HydaLearn", "hydalearn"), ("HydaLearn", "hydalearn cosine"),
+        ("HydaLearn", "hydalearn"), ("HydaLearn", "hydalearn cosine"), ("HydaLearn", "hydalearn held-out"),
         ("ForkMerge", "forkmerge"),
     }
     for row in outcome.rows:
