@@ -12,6 +12,7 @@ from qm9_files import _write_qm9pack_like
 
 from taskbalance.bench.runner import RunSpec, execute
 from taskbalance.bench.suites import NASH_MTL_QM9_SINGLE_TASK_MAE, get_suite
+from taskbalance.report.published import load_published
 
 
 def test_qm9_paper_suite_holds_the_published_protocol() -> None:
@@ -26,6 +27,11 @@ def test_qm9_paper_suite_holds_the_published_protocol() -> None:
     assert train.selection_reference == NASH_MTL_QM9_SINGLE_TASK_MAE
     assert len(NASH_MTL_QM9_SINGLE_TASK_MAE) == 11
     assert {e.method for e in suite.methods} >= {"ew", "uw", "dwa", "mgda", "pcgrad", "nash-mtl", "famo"}
+
+
+def test_qm9_paper_runs_every_method_of_the_published_table() -> None:
+    published = {value.method for value in load_published("qm9").values}
+    assert {e.method for e in get_suite("qm9-paper").methods} == published
 
 
 @pytest.mark.slow
