@@ -58,5 +58,6 @@ def test_the_methods_of_issue_16_are_registered():
         "excess-mtl",
         "moco",
         "cr-mogm",
+        "sdmgrad",
     }
     assert wanted <= {m.name for m in taskbalance.available()}
