@@ -8,11 +8,14 @@ from torch import Tensor
 __all__ = ["project_onto_simplex"]
 
 
-def project_onto_simplex(v: Tensor) -> Tensor:
-    """``argmin_{w ≥ 0, Σ w = 1} ‖w − v‖`` along the last dimension (sort-based; no host read)."""
+def project_onto_simplex(v: Tensor, total: Tensor | float = 1.0) -> Tensor:
+    """``argmin_{w ≥ 0, Σ w = total} ‖w − v‖`` along the last dimension (sort-based; no host read).
+
+    ``total`` (default 1) is a number or a tensor broadcastable to ``v.shape[:-1] + (1,)``, ``>= 0``.
+    """
     k = v.shape[-1]
     sorted_desc, _ = torch.sort(v, dim=-1, descending=True)
-    cumulative = sorted_desc.cumsum(-1) - 1.0
+    cumulative = sorted_desc.cumsum(-1) - total
     ranks = torch.arange(1, k + 1, dtype=v.dtype, device=v.device)
     support = sorted_desc - cumulative / ranks > 0
     count = support.sum(-1, keepdim=True).clamp_min(1)
