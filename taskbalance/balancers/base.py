@@ -735,6 +735,7 @@ class GradientBalancer(Balancer):
             extra = ExtraBatches(
                 self._extra_losses, source=str(self.extra_batch_source), limit=self.extra_batches,
                 parameters=shared_list, method=self.info.name, batching=self._batching,
+                check_finite=self.on_nonfinite != "propagate",
             )
         return GradientStep(
             losses=roots.detach(), index=index, jacobian=jacobian, dtype=jacobian.dtype, extra=extra

@@ -73,10 +73,13 @@ class ExtraBatches:
         parameters: the shared parameters the step's gradients are taken with respect to.
         method: the method's name, for messages.
         batching: loop or vmap for the per-task gradients (the balancer's choice for the step's own batch).
+        check_finite: check each draw for NaN/inf (``False`` under ``on_nonfinite="propagate"``).
 
     A NaN/inf loss or gradient on an extra batch raises :class:`~taskbalance.NonFiniteLossError` /
-    :class:`~taskbalance.NonFiniteGradientError` whatever ``on_nonfinite`` says (no task can be skipped
-    from another batch's estimate); nothing has been written then.
+    :class:`~taskbalance.NonFiniteGradientError` under ``on_nonfinite="raise"`` and ``"skip"`` (no task can
+    be skipped from another batch's estimate); nothing has been written then. Under ``"propagate"`` nothing
+    is checked, as on the step's own batch (e.g. a NaN training gradient moves Auto-λ's virtual step to NaN,
+    and NaN flows into its state).
     """
 
     def __init__(
@@ -88,9 +91,11 @@ class ExtraBatches:
         parameters: Sequence[Tensor],
         method: str,
         batching: BatchingChoice | None = None,
+        check_finite: bool = True,
     ) -> None:
         self._closure = closure
         self._batching = batching
+        self.check_finite = check_finite
         self.source = source
         self.limit = limit
         self.parameters = list(parameters)
@@ -161,6 +166,8 @@ class ExtraBatches:
                 f"{self.method}: the extra {self.source} batch's losses do not depend on the shared "
                 "parameters; the closure must evaluate the model being trained"
             )
+        if not self.check_finite:
+            return jacobian
         loss_ok = torch.isfinite(stacked.detach())
         row_ok = torch.isfinite(jacobian).all(dim=1)
         if not bool((loss_ok & row_ok).all()):  # one host read per draw

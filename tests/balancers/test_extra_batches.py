@@ -147,6 +147,19 @@ def test_nonfinite_extra_losses_and_gradients_raise_before_anything_is_written()
         assert balancer.step_count == 0
 
 
+def test_under_propagate_a_nonfinite_extra_batch_is_not_checked_and_flows_on():
+    model, (x, y), (x_val, y_val) = setup()
+
+    def nan_loss():
+        losses = toy_losses(model, x_val, y_val)[1]
+        return {**losses, "a": losses["a"] * float("nan")}
+
+    balancer = taskbalance.make("auto-lambda", TASKS, on_nonfinite="propagate")
+    _, losses = toy_losses(model, x, y)
+    record = balancer.backward(losses, shared=model.trunk.parameters(), extra_losses=nan_loss)
+    assert record.weights.isnan().all() and balancer.weights.isnan().all()  # as plain PyTorch would
+
+
 def test_extra_batch_methods_are_refused_under_data_parallelism():
     model, (x, y), (x_val, y_val) = setup()
 

@@ -129,7 +129,9 @@ class ARML(GradientBalancer):
         else:
             main = (~is_aux).to(jacobian.dtype) @ jacobian
             has_main = (~is_aux).any()
-        updated = self._matched(current.to(torch.float64), is_aux, jacobian @ main, step.gramian)
+        wide = torch.float64  # ⟨g_k, h⟩ of float32 gradients overflows float32 beyond ~1e19
+        products = jacobian.to(wide) @ main.to(wide)
+        updated = self._matched(current.to(wide), is_aux, products, step.gramian)
         weights = torch.where(is_aux & has_main, updated, current.to(torch.float64))
         self.weights.index_copy_(0, step.index, weights.to(self.weights.dtype))
         return Aggregation(weights=weights.to(step.dtype))
@@ -142,7 +144,7 @@ class ARML(GradientBalancer):
         """
         aux = is_aux.to(torch.float64)
         alpha = current * aux  # the targets take no part in the weighted auxiliary sum
-        gradient = -2.0 * (products.to(torch.float64) - gramian @ alpha) * aux
+        gradient = -2.0 * (products - gramian @ alpha) * aux
         moved = alpha - self.weight_lr * gradient
         total = alpha.sum()
         # Entries below max(moved over the auxiliaries) − total are 0 in the projection and do not move its

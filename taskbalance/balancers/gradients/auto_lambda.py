@@ -62,7 +62,9 @@ class AutoLambda(GradientBalancer):
       parameter (heads too) and includes the optimiser's momentum and weight decay, which a balancer does not
       see. The primary heads' own look-ahead term is therefore left out of the hypergradient;
     * λ's Adam is run inside the method (buffers ``exp_avg``, ``exp_avg_sq``, per-task ``adam_steps``), so
-      the whole state round-trips through ``state_dict()`` and the user's optimiser never sees λ;
+      the whole state round-trips through ``state_dict()`` and the user's optimiser never sees λ; λ, the
+      moments and the hypergradient are kept in float64 whatever the gradients' dtype (the squared
+      hypergradient of float32 gradients overflows float32 beyond ~1e19);
     * primary tasks: ``targets=[...]`` / ``main=...`` (:mod:`taskbalance.auxiliary.roles`); neither means the
       first task (the library's convention for auxiliary methods). The official default ``--task all``, every
       task primary (multi-task mode), is ``targets=tasks``;
@@ -116,10 +118,11 @@ class AutoLambda(GradientBalancer):
         self.meta_source: MetaSource = meta_source
         self.extra_batch_source = meta_source
         self.min_weight = None if min_weight is None else float(min_weight)
-        self.register_buffer("weights", torch.full((self.num_tasks,), self.weight_init))
-        self.register_buffer("exp_avg", torch.zeros(self.num_tasks))
-        self.register_buffer("exp_avg_sq", torch.zeros(self.num_tasks))
-        self.register_buffer("adam_steps", torch.zeros(self.num_tasks))
+        wide = torch.float64  # the squared hypergradient of float32 gradients overflows float32 beyond ~1e19
+        self.register_buffer("weights", torch.full((self.num_tasks,), self.weight_init, dtype=wide))
+        self.register_buffer("exp_avg", torch.zeros(self.num_tasks, dtype=wide))
+        self.register_buffer("exp_avg_sq", torch.zeros(self.num_tasks, dtype=wide))
+        self.register_buffer("adam_steps", torch.zeros(self.num_tasks, dtype=wide))
 
     def aggregate(self, step: GradientStep) -> Aggregation:
         if step.extra is None:
@@ -129,21 +132,22 @@ class AutoLambda(GradientBalancer):
             )
         jacobian = step.require_jacobian("auto-lambda")
         index = step.index
-        current = self.weights[index].to(jacobian.dtype)
+        current = self.weights[index]
         # 1-2. the primary tasks' validation gradient at θ' = θ − α Σ λ_j g_j (parameters restored after)
-        displacement = -self.virtual_lr * (current @ jacobian)
-        validation = step.extra.gradient(self.roles.targets, at=displacement).to(jacobian.dtype)
-        # 3. ∂ L_val(θ') / ∂ λ_k = −α ⟨g_k, ∇L_val(θ')⟩ — drawn before any state is written
-        hypergradient = -self.virtual_lr * (jacobian @ validation)
+        displacement = -self.virtual_lr * (current.to(jacobian.dtype) @ jacobian)
+        validation = step.extra.gradient(self.roles.targets, at=displacement)
+        # 3. ∂ L_val(θ') / ∂ λ_k = −α ⟨g_k, ∇L_val(θ')⟩, in float64 — drawn before any state is written
+        wide = torch.float64
+        hypergradient = -self.virtual_lr * (jacobian.to(wide) @ validation.to(wide))
         # 4. Adam on the present tasks' λ (torch.optim.Adam's update, entry by entry)
-        grad = hypergradient.to(self.weights.dtype)
         steps = self.adam_steps[index] + 1
         beta1, beta2 = _BETAS
-        exp_avg = beta1 * self.exp_avg[index] + (1 - beta1) * grad
-        exp_avg_sq = beta2 * self.exp_avg_sq[index] + (1 - beta2) * grad * grad
+        exp_avg = beta1 * self.exp_avg[index] + (1 - beta1) * hypergradient
+        exp_avg_sq = beta2 * self.exp_avg_sq[index] + (1 - beta2) * hypergradient * hypergradient
         bias1 = 1 - beta1**steps
         bias2_sqrt = (1 - beta2**steps).sqrt()
-        updated = self.weights[index] - (self.meta_lr / bias1) * exp_avg / (exp_avg_sq.sqrt() / bias2_sqrt + _ADAM_EPS)
+        step_size = self.meta_lr / bias1
+        updated = current - step_size * exp_avg / (exp_avg_sq.sqrt() / bias2_sqrt + _ADAM_EPS)
         if self.min_weight is not None:
             updated = updated.clamp_min(self.min_weight)
         self.exp_avg.index_copy_(0, index, exp_avg)

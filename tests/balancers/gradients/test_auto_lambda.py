@@ -25,7 +25,7 @@ def f64_batch(seed: int):
 def setup(seed: int = 0, **options):
     torch.manual_seed(seed)
     model = ToyMultiTask(TASKS).to(F64)
-    balancer = taskbalance.make("auto-lambda", TASKS, main="main", **options).double()
+    balancer = taskbalance.make("auto-lambda", TASKS, main="main", **options)
     return model, balancer
 
 
@@ -59,7 +59,7 @@ def test_an_auxiliary_aligned_with_the_validation_gradient_gains_weight_and_an_o
         tasks, at = extra.calls[0]
         assert tasks == ["main"]  # the meta-loss is the primary task's only
         torch.testing.assert_close(at, -0.5 * (current.to(F64) @ jacobian))  # θ' = θ − α Σ λ_j g_j
-        assert torch.equal(aggregation.weights.float(), balancer.weights)  # the step uses the *new* λ
+        assert torch.equal(aggregation.weights, balancer.weights)  # the step uses the *new* λ
     hyper = aggregation.extras["hypergradient"]
     assert hyper[1] < 0 < hyper[2]  # ∂L_val/∂λ = −α⟨g_k, h⟩
     assert balancer.weights[1] > before[1] and balancer.weights[2] < before[2]
@@ -144,7 +144,7 @@ def test_state_round_trips_and_the_restored_balancer_takes_the_same_next_step():
     for step in range(3):
         x, y = f64_batch(step)
         balancer.backward(toy_losses(model, x, y)[1], shared=trunk, extra_losses=closure)
-    restored = taskbalance.make("auto-lambda", TASKS, main="main", meta_lr=1e-2).double()
+    restored = taskbalance.make("auto-lambda", TASKS, main="main", meta_lr=1e-2)
     restored.load_state_dict(copy.deepcopy(balancer.state_dict()))
     assert restored.step_count == 3
     x, y = f64_batch(7)
