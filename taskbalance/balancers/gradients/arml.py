@@ -1,4 +1,4 @@
-"""ARML — auxiliary-task reweighting by gradient matching (Shi, Hoffman, Saenko, Darrell & Xu, NeurIPS 2020)."""
+"""ARML — auxiliary-task reweighting by gradient matching (Shi et al., NeurIPS 2020)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from torch import Tensor
 
 from ...auxiliary.roles import resolve_roles
 from ..base import Aggregation, GradientBalancer, GradientLevel, GradientStep
+from ..extra_batches import ExtraBatchSource
 from ..inputs import NonFinitePolicy
 from ..registry import register
 from ._simplex import project_onto_simplex
@@ -54,9 +55,9 @@ class ARML(GradientBalancer):
 
     * ``main_gradient="validation"`` (default; **our extension**, the issue's and SLGrad's use of held-out
       data): ``h`` is the targets' summed gradient on the next **validation** batch, drawn through the
-      extra-batch protocol (``backward(..., extra_losses=fn)``, supplied by ``fit`` and the benchmark), only on
-      update steps. ``main_gradient="batch"`` is the official code's: ``h`` from the training batch itself
-      (no extra batch; no update when no target is labelled in the batch);
+      extra-batch protocol (``backward(..., extra_losses=fn)``, supplied by ``fit`` and the benchmark),
+      only on update steps. ``main_gradient="batch"`` is the official code's: ``h`` from the training batch
+      itself (no extra batch; no update when no target is labelled in the batch);
     * the constraint step is the exact Euclidean projection onto ``{α ≥ 0, Σ α = A}``; the official code
       shifts ``α`` onto ``Σ α = A`` then clips at 0, which is the same point whenever no weight is clipped;
     * the model is trained on every step: the official loop skips the model's update on the steps where ``α``
@@ -66,13 +67,14 @@ class ARML(GradientBalancer):
     * the paper's Langevin dynamics (noise in the **model's** updates, the official ``--lagrange`` flag, off
       by default there) belongs to the model optimiser and is not part of this balancer.
 
-    State (``state_dict``): the ``weights`` buffer (targets at 1) and the step count. No host read.
+    State (``state_dict``): the ``weights`` buffer (targets at 1) and the step count. No host read beyond the
+    protocol's one finiteness check of the validation batch.
     """
 
     needs = "jacobian"
     scale_heads = True
     extra_batches = 1
-    extra_batch_source = "validation"
+    extra_batch_source: ExtraBatchSource | None = "validation"
     weights: Tensor
     auxiliary_mask: Tensor
 

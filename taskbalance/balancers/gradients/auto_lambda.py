@@ -1,4 +1,4 @@
-"""Auto-λ — task weights meta-learned on the primary tasks' look-ahead validation loss (Liu et al., TMLR 2022)."""
+"""Auto-λ — task weights meta-learned on the primary tasks' look-ahead validation loss (Liu et al., 2022)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from torch import Tensor
 
 from ...auxiliary.roles import resolve_roles
 from ..base import Aggregation, GradientBalancer, GradientLevel, GradientStep
+from ..extra_batches import ExtraBatchSource
 from ..inputs import NonFinitePolicy
 from ..registry import register
 
@@ -27,7 +28,7 @@ _ADAM_EPS = 1e-8
     feature_level="no",
     paper="Liu, James, Davison & Johns, 'Auto-Lambda: Disentangling Dynamic Task Relationships', TMLR 2022 "
     "(arXiv:2202.03091); as the official code lorenmt/auto-lambda",
-    description="Weights λ follow the gradient of the primary tasks' validation loss after a virtual SGD step.",
+    description="λ follows the gradient of the primary tasks' validation loss after a virtual SGD step.",
 )
 class AutoLambda(GradientBalancer):
     """Auto-λ: one-step look-ahead meta-learning of the task weights (official code ``auto_lambda.py``).
@@ -50,11 +51,11 @@ class AutoLambda(GradientBalancer):
     gradient gains weight, an opposed one loses weight; the hypergradient equals a finite difference of the
     validation loss after the virtual step.
 
-    Defaults (official trainers): ``weight_init = 0.1`` (``--autol_init``), ``meta_lr = 1e-4`` (``--autol_lr``
-    for NYUv2; 3e-5 CityScapes, 3e-4 CIFAR-100), ``virtual_lr = 0.1`` (the official code's virtual step uses the
-    model optimiser's current learning rate, SGD at 0.1 under a cosine schedule: **set it to your optimiser's
-    learning rate**, and update the attribute when a scheduler changes it). λ is not clipped (as the official
-    code); ``min_weight`` clamps it after each step (**our extension**).
+    Defaults (official trainers): ``weight_init = 0.1`` (``--autol_init``), ``meta_lr = 1e-4``
+    (``--autol_lr`` for NYUv2; 3e-5 CityScapes, 3e-4 CIFAR-100), ``virtual_lr = 0.1`` (the official code's
+    virtual step uses the model optimiser's current learning rate, SGD at 0.1 under a cosine schedule:
+    **set it to your optimiser's learning rate**, and update the attribute when a scheduler changes it). λ is
+    not clipped (as the official code); ``min_weight`` clamps it after each step (**our extension**).
 
     **Our choices** (the paper and code leave them open or differ from a balancer's view):
 
@@ -73,13 +74,14 @@ class AutoLambda(GradientBalancer):
       over the **training** set;
     * a task absent from a step gets no hypergradient: its λ and Adam moments stay as they are.
 
-    Cost: one extra validation batch (forward and per-task backward at ``θ'``) per step. No host read.
+    Cost: one extra validation batch (forward and per-task backward at ``θ'``) per step; no host read beyond
+    the protocol's one finiteness check of that batch.
     """
 
     needs = "jacobian"
     scale_heads = True
     extra_batches = 1
-    extra_batch_source = "validation"
+    extra_batch_source: ExtraBatchSource | None = "validation"
     weights: Tensor
     exp_avg: Tensor
     exp_avg_sq: Tensor
@@ -108,7 +110,9 @@ class AutoLambda(GradientBalancer):
         if not virtual_lr > 0:
             raise ValueError(f"auto-lambda: virtual_lr must be > 0, got {virtual_lr}")
         if meta_source not in ("validation", "training"):
-            raise ValueError(f"auto-lambda: meta_source must be 'validation' or 'training', got {meta_source!r}")
+            raise ValueError(
+                f"auto-lambda: meta_source must be 'validation' or 'training', got {meta_source!r}"
+            )
         if min_weight is not None and not math.isfinite(min_weight):
             raise ValueError(f"auto-lambda: min_weight must be a finite number or None, got {min_weight!r}")
         self.roles = resolve_roles(self.tasks, targets=targets, main=main, method="auto-lambda")

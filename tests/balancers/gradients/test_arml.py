@@ -68,7 +68,8 @@ def test_one_update_is_the_official_sgd_step_on_the_double_backward_objective(ma
     # reference, as the official task_weighter: ‖∇_trunk(L_main − Σ α_a L_a)‖², one SGD step, shift to Σ = A
     alpha = torch.ones(4, dtype=F64, requires_grad=True)
     losses = toy_losses(model, x, y)[1]
-    main_loss = toy_losses(model, x_val, y_val)[1]["main"] if main_gradient == "validation" else losses["main"]
+    validation = toy_losses(model, x_val, y_val)[1]
+    main_loss = validation["main"] if main_gradient == "validation" else losses["main"]
     gap = torch.autograd.grad(main_loss - (alpha * torch.stack([losses[t] for t in TASKS[1:]])).sum(), trunk,
                               create_graph=True)
     objective = sum((g**2).sum() for g in gap)
@@ -146,7 +147,8 @@ def test_state_round_trips_and_the_restored_balancer_takes_the_same_next_step():
     records = [b.backward(toy_losses(model, x, y)[1], shared=trunk, extra_losses=closure)
                for b in (balancer, restored)]
     assert torch.equal(records[0].weights, records[1].weights)
-    assert torch.equal(balancer.weights, restored.weights) and not torch.equal(balancer.weights, torch.ones(5))
+    assert torch.equal(balancer.weights, restored.weights)
+    assert not torch.equal(balancer.weights, torch.ones(5))
 
 
 def test_without_a_closure_the_error_names_the_fix_and_nothing_is_written():

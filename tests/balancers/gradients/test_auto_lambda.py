@@ -1,5 +1,6 @@
-"""Auto-λ: λ follows the exact hypergradient of the primary tasks' validation loss after a virtual SGD step,
-updated by Adam as in the official code; the state round-trips; an unusable validation batch changes nothing."""
+"""Auto-λ: λ follows the exact hypergradient of the primary tasks' validation loss after a virtual SGD
+step, updated by Adam as in the official code; the state round-trips; an unusable validation batch changes
+nothing."""
 
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ def test_an_auxiliary_aligned_with_the_validation_gradient_gains_weight_and_an_o
     jacobian = torch.stack([h + 0.1, 0.8 * h + torch.tensor([0.3, -0.2, 0.0, 0.1], dtype=F64), -h])
     balancer = taskbalance.make("auto-lambda", TASKS, main="main", meta_lr=1e-2, virtual_lr=0.5)
     before = balancer.weights.clone()
-    for repeat in range(5):
+    for _ in range(5):
         current = balancer.weights.clone()
         extra = ReplayedValidation(h)
         step = GradientStep(losses=torch.ones(3, dtype=F64), index=torch.arange(3), jacobian=jacobian,
@@ -81,8 +82,8 @@ def test_the_hypergradient_is_the_derivative_of_the_validation_loss_after_the_vi
 
     def validation_loss(weights: torch.Tensor) -> torch.Tensor:
         point = theta - 0.3 * (weights @ g)
-        pieces = dict(zip(names, (piece.view_as(p) for piece, p in
-                                  zip(point.split([p.numel() for p in trunk]), trunk, strict=True)), strict=True))
+        split = point.split([p.numel() for p in trunk])
+        pieces = {n: piece.view_as(p) for n, piece, p in zip(names, split, trunk, strict=True)}
         z = torch.func.functional_call(model.trunk, pieces, (x_val,))
         return ((model.heads["main"](z).squeeze(-1) - y_val["main"]) ** 2).mean()
 
@@ -108,8 +109,8 @@ def test_lambda_moves_as_torch_adam_on_the_hypergradient_over_several_steps():
         x, y = f64_batch(10 + step)
         x_val, y_val = f64_batch(50 + step)
         _, losses = toy_losses(model, x, y)
-        record = balancer.backward(losses, shared=trunk,
-                                   extra_losses=lambda x_val=x_val, y_val=y_val: toy_losses(model, x_val, y_val)[1])
+        validation = toy_losses(model, x_val, y_val)[1]
+        record = balancer.backward(losses, shared=trunk, extra_losses=lambda v=validation: v)
         reference.grad = record.extras["hypergradient"].clone()
         adam.step()
         torch.testing.assert_close(balancer.weights, reference.detach(), rtol=1e-12, atol=1e-15)
@@ -188,7 +189,9 @@ def test_options_roles_and_the_meta_batch_source():
     assert taskbalance.make("auto-lambda", TASKS, targets=TASKS).roles.targets == tuple(TASKS)
     assert taskbalance.make("auto-lambda", TASKS, meta_source="training").extra_batch_source == "training"
     assert "1 extra validation batch" in taskbalance.method_info("auto-lambda").cost
-    for bad in ({"meta_lr": 0.0}, {"virtual_lr": -1.0}, {"meta_source": "test"}, {"weight_init": float("nan")}):
+    bad_options = ({"meta_lr": 0.0}, {"virtual_lr": -1.0}, {"meta_source": "test"},
+                   {"weight_init": float("nan")})
+    for bad in bad_options:
         with pytest.raises(ValueError):
             taskbalance.make("auto-lambda", TASKS, **bad)
     with pytest.raises(ValueError, match="not defined on feature-level"):
