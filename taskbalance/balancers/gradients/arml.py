@@ -40,9 +40,10 @@ class ARML(GradientBalancer):
         min_α  f(α) = ‖h − Σ_a α_a g_a‖²   subject to  α ≥ 0,  Σ_a α_a = A
 
     with ``g_a`` the auxiliary gradients w.r.t. the shared parameters on the training batch, ``h`` the main
-    (target) tasks' gradient and ``A`` the number of auxiliary tasks. Targets keep weight 1; the update is
-    ``Σ_t g_t + Σ_a α_a g_a``, heads get ``α_a ∇L_a`` (``scale_heads = True``: the official code
-    back-propagates ``L_main + Σ α_a L_a``).
+    (target) tasks' gradient and ``A`` the number of auxiliary tasks (the constraint as the official code
+    enforces it after each step: ``α ← α + (A − Σ α) / A``, then ``α ← max(α, 0)``). Targets keep weight 1;
+    the update is ``Σ_t g_t + Σ_a α_a g_a``, heads get ``α_a ∇L_a`` (``scale_heads = True``: the official
+    code back-propagates ``L_main + Σ α_a L_a``).
 
     As the official code (``SSL/train.py``, ``lib/task_weighter.py``): ``α`` starts at 1; every
     ``update_every = 20`` steps one gradient step of size ``weight_lr = 0.05`` (its ``task_weighter_lr``,
