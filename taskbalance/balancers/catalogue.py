@@ -59,11 +59,11 @@ ANCHOR_NAMES: dict[str, tuple[str, str]] = {
     "krum": ("", "Krum"),
     "trimmed-mean": ("", "TrimmedMean"),
     "cr-mogm": ("", "CRMOGMWeighting"),
+    "modo": ("MoDo", "MoDoWeighting"),
     "sdmgrad": ("SDMGrad", "SDMGradWeighting"),
 }
 ANCHOR_ONLY: dict[str, tuple[str, str, str]] = {
     # method: (LibMTL name, TorchJD name, why taskbalance does not have it)
-    "MoDo": ("MoDo", "MoDoWeighting", "needs 2–3 independent mini-batches per step; not built yet"),
     "RGW": ("RGW", "", "random gradient weighting; not built yet"),
     "PCD": ("", "PCD", "not built yet"),
 }

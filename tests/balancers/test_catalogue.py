@@ -58,6 +58,7 @@ def test_the_methods_of_issue_16_are_registered():
         "excess-mtl",
         "moco",
         "cr-mogm",
+        "modo",
         "sdmgrad",
     }
     assert wanted <= {m.name for m in taskbalance.available()}

@@ -1,4 +1,4 @@
-"""SDMGrad in training: the extra-batch protocol end to end (own loop, ``fit``,
+"""MoDo and SDMGrad in training: the extra-batch protocol end to end (own loop, ``fit``,
 ``taskbalance bench``), the error without a closure, a NaN on an extra batch, and the state round-trip."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from taskbalance.models.tiny import TinyModel
 from taskbalance.train import TrainConfig, fit, seed_everything
 
 TASKS = ["a", "b", "c"]
-METHODS = ["sdmgrad"]
+METHODS = ["modo", "sdmgrad"]
 
 
 def loop(method: str, steps: int, **options):
@@ -147,10 +147,10 @@ def test_fit_supplies_the_training_batches_and_trains(method):
 def test_bench_runs_the_double_sampling_methods_end_to_end(tmp_path: Path):
     out = tmp_path / "study"
     result = CliRunner().invoke(app, [
-        "bench", "--dataset", "synthetic_aux", "--methods", "ew,sdmgrad", "--epochs", "1",
+        "bench", "--dataset", "synthetic_aux", "--methods", "ew,modo,sdmgrad", "--epochs", "1",
         "--seeds", "1", "--out", str(out), "--workers", "1", "--no-baselines", "--no-report",
     ])
     assert result.exit_code == 0, result.output
-    assert "2 run(s) executed, 0 already done" in result.output
-    for method in ("sdmgrad",):
+    assert "3 run(s) executed, 0 already done" in result.output
+    for method in ("modo", "sdmgrad"):
         assert re.search(rf"^\s*│?\s*{method}\b", result.output, flags=re.MULTILINE), result.output
