@@ -6,8 +6,10 @@ iteration cap. On CPU it stops as soon as every problem has converged (reading a
 synchronisation) and computes only the branch such a read selects (the active-set step of a single problem,
 the full Newton step near the Nash solution); on an accelerator it runs the cap as a **fixed budget**
 (converged problems are frozen by ``torch.where`` masks, so extra iterations are no-ops) and the host never
-waits for the device. Each solver returns a ``converged`` boolean tensor; :func:`warn_if_capped` turns a
-CPU ``False`` into one warning per balancer.
+waits for the device. On CPU, :func:`simplex_qp` of one problem and :func:`dual_cone_weights` run their
+small vector steps in NumPy on views of the tensors, with the same iterations (our choice, for speed: a NumPy
+call on a ``k``-vector costs about a microsecond, a tensor op several). Each solver returns a ``converged``
+boolean tensor; :func:`warn_if_capped` turns a CPU ``False`` into one warning per balancer.
 
 * :func:`simplex_qp` — ``min ½ wᵀHw + bᵀw`` on ``{w ≥ 0, aᵀw = 1}`` by a primal active-set method.
 * :func:`min_norm_weights` / :func:`min_norm_solve` — the min-norm point of the rows' convex hull (MGDA,
@@ -29,6 +31,7 @@ from __future__ import annotations
 import warnings
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -84,6 +87,14 @@ def _host_decides(t: Tensor) -> bool:
     synchronisation). Used for early exits and for skipping work that a CPU read shows to be unneeded; on
     accelerators the branch-free path runs (values selected by ``torch.where`` masks)."""
     return _HOST_DECIDES_ON_CPU and t.device.type == "cpu"
+
+
+def _on_host(*tensors: Tensor | None) -> bool:
+    """Whether a solve may run in NumPy: CPU tensors that carry no autograd history (``.numpy()`` of such a
+    tensor is a view, no copy and no device synchronisation)."""
+    return all(
+        t is None or (_host_decides(t) and not t.requires_grad) for t in tensors
+    )
 
 
 def _finished(converged: Tensor) -> bool:
@@ -158,6 +169,8 @@ def simplex_qp(
     §16.5);
     from a correct warm start it stops after one iteration.
     """
+    if hessian.dim() == 2 and _on_host(hessian, linear, constraint, init_free):
+        return _simplex_qp_host(hessian, linear, constraint, iters, reg, init_free)
     h = hessian.to(torch.float64)
     k = h.shape[-1]
     batch = h.shape[:-2]
@@ -240,6 +253,81 @@ def simplex_qp(
     w = torch.where(total > 0, w / total.clamp_min(1e-300), 1.0 / (k * a))
     return w, converged, free
 
+def _simplex_qp_host(
+    hessian: Tensor, linear: Tensor | None, constraint: Tensor | None, iters: int, reg: float,
+    init_free: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`simplex_qp` of one problem on CPU, its cheap steps in NumPy (our choice, for speed: a ``k × k``
+    problem costs about 1 µs per NumPy call against 3–10 µs per tensor op, and reading a CPU array
+    synchronises nothing). The iterations are those of the tensor path, and the linear systems are the same
+    bordered ``(k+1)``-square systems solved by the same ``torch.linalg.solve``, so both paths give the same
+    weights (to the last bits: with duplicate rows the coefficients are fixed only by the tiny ridge, and a
+    different solver would move them by 1e-4)."""
+    wide = hessian.detach().to(torch.float64)
+    k = wide.shape[-1]
+    diag_mean_t = wide.diagonal().mean().clamp_min(1e-300)
+    h = (wide + (reg * diag_mean_t) * torch.eye(k, dtype=wide.dtype)).numpy()  # the tensor path's ridge
+    diag_mean = float(diag_mean_t)
+    b = np.zeros(k) if linear is None else linear.detach().to(torch.float64).numpy().reshape(k)
+    a = np.ones(k) if constraint is None else np.broadcast_to(
+        constraint.detach().to(torch.float64).numpy(), (k,)
+    )
+    bordered = np.zeros((k + 1, k + 1))
+    bordered[:k, :k] = h
+    bordered[:k, k] = -a
+    bordered[k, :k] = a
+    eye = np.eye(k + 1)
+    rhs_full = np.zeros(k + 1)
+    rhs_full[:k] = -b
+    rhs_full[k] = 1.0
+    free_ext = np.ones(k + 1, dtype=bool)
+    if init_free is not None:
+        free_ext[:k] = init_free.detach().cpu().numpy().astype(bool).reshape(k)
+        if not free_ext[:k].any():
+            free_ext[:k] = True
+    free = free_ext[:k]  # a view: updating free_ext updates it
+
+    def solve(rhs: np.ndarray) -> np.ndarray:
+        system = np.where(free_ext[:, None], bordered * free_ext[None, :], eye)
+        return torch.linalg.solve(torch.from_numpy(system), torch.from_numpy(rhs * free_ext)).numpy()
+
+    w = np.where(free, 1.0 / a, 0.0)
+    w = w / (a * w).sum()
+    converged = False
+    threshold = -1e-12 * diag_mean
+    for _ in range(iters if iters > 0 else 3 * k + 10):
+        solution = solve(rhs_full)
+        y, mu = solution[:k], solution[k]
+        if (y >= 0).all():
+            multipliers = np.where(free, np.inf, h @ y + b - mu * a)
+            worst = int(multipliers.argmin())
+            w = y
+            if multipliers[worst] >= threshold:
+                converged = True
+                break
+            free_ext[worst] = True
+        else:
+            shrinking = free & (y < 0)
+            ratios = np.full(k, np.inf)
+            ratios[shrinking] = w[shrinking] / np.maximum(w[shrinking] - y[shrinking], 1e-300)
+            theta = min(max(float(ratios.min()), 0.0), 1.0)
+            w = np.maximum(w + theta * (y - w), 0.0)
+            free_ext[:k] = free & ~(shrinking & (ratios <= theta * (1 + 1e-12)))
+    if reg > 0:  # the refinement of the tensor path
+        ridge = np.zeros(k + 1)
+        ridge[:k] = reg * diag_mean * w
+        refined = solve(rhs_full + ridge)[:k]
+        if converged and (refined >= 0).all():
+            w = refined
+    w = np.where(free, np.maximum(w, 0.0), 0.0)
+    total = float((a * w).sum())
+    w = w / max(total, 1e-300) if total > 0 else 1.0 / (k * a)
+    return (
+        torch.from_numpy(np.array(w, dtype=np.float64)),
+        torch.tensor(converged),
+        torch.from_numpy(free.copy()),
+    )
+
 
 def min_norm_solve(gramian: Tensor, iters: int = 0) -> tuple[Tensor, Tensor]:
     """``(c, converged)``: simplex coefficients of the min-norm point of the rows' convex hull.
@@ -290,6 +378,8 @@ def dual_cone_weights(
     Returns:
         ``(v, converged)`` of shapes ``(..., k)`` and ``(...)``, float64.
     """
+    if gramian.dim() == 2 and _on_host(gramian, preferences):
+        return _dual_cone_host(gramian, preferences, iters, norm_eps, reg_eps)
     m = gramian.to(torch.float64)
     k = m.shape[-1]
     trace = m.diagonal(dim1=-2, dim2=-1).sum(-1)
@@ -316,6 +406,38 @@ def dual_cone_weights(
         if _finished(converged):
             break
     return torch.maximum(v, u), converged
+
+def _dual_cone_host(
+    gramian: Tensor, preferences: Tensor, iters: int, norm_eps: float, reg_eps: float
+) -> tuple[Tensor, Tensor]:
+    """:func:`dual_cone_weights` on CPU, in NumPy (our choice, for speed, as :func:`_simplex_qp_host`): the
+    same primal–dual active-set iterations, every preference vector solved in one batched call."""
+    m = gramian.detach().to(torch.float64).numpy()
+    k = m.shape[-1]
+    trace = float(np.trace(m))
+    m = (np.zeros_like(m) if trace < norm_eps else m / trace) + reg_eps * np.eye(k)
+    u = preferences.detach().to(torch.float64).numpy()
+    eye = np.eye(k)
+    steps = iters if iters > 0 else 2 * k + 10
+    at_bound = np.ones(u.shape, dtype=bool)
+    v = u.copy()
+    converged = np.zeros(u.shape[:-1], dtype=bool)
+    for _ in range(steps):
+        system = np.where(at_bound[..., :, None], eye, m)
+        rhs = np.where(at_bound, u, 0.0)
+        v_new = np.linalg.solve(system, rhs[..., None])[..., 0]
+        multipliers = (m @ v_new[..., None])[..., 0]
+        new_bound = multipliers >= (v_new - u)
+        stable = (new_bound == at_bound).all(-1)
+        v = np.where(converged[..., None], v, v_new)
+        converged = converged | stable
+        at_bound = np.where(converged[..., None], at_bound, new_bound)
+        if converged.all():
+            break
+    return (
+        torch.from_numpy(np.ascontiguousarray(np.maximum(v, u), dtype=np.float64)),
+        torch.from_numpy(np.asarray(converged)),
+    )
 
 
 class CAGradSolution(NamedTuple):
