@@ -297,6 +297,56 @@ class _Layer:
     deltas: list[Tensor] = field(default_factory=list)  # per use: (k, *output shape)
     form: str = "b_side"
     per_task: list[Tensor] | None = None  # direct form: per-task gradients of (weight, bias)
+    packed: bool = False  # direct form: the update comes from the step's packs and large pieces
+
+
+_PACK_LIMIT = 1 << 16  # per-task gradients up to this many entries are packed into one (k, n) matrix
+
+
+@dataclass
+class _Pack:
+    """Small per-task gradients of several parameters side by side in one ``(k, n)`` matrix, so that their
+    Gram block and their update are one product each instead of several small ones per parameter."""
+
+    rows: Tensor  # (k, n)
+    parameters: list[Tensor]
+
+    def views(self) -> list[Tensor]:
+        """Each parameter's ``(k, *shape)`` rows, as views of :attr:`rows`."""
+        out: list[Tensor] = []
+        at = 0
+        for p in self.parameters:
+            n = p.numel()
+            out.append(self.rows[:, at: at + n].unflatten(1, p.shape) if p.dim() else self.rows[:, at])
+            at += n
+        return out
+
+    def apply(self, weights: Tensor) -> None:
+        """Add ``Σₖ weights[k] rows[k]`` to each parameter's ``.grad``: one product, then views of its
+        result (a fresh tensor, so a parameter may keep its view as ``.grad``)."""
+        flat = weights.to(self.rows.dtype) @ self.rows
+        at = 0
+        for p in self.parameters:
+            n = p.numel()
+            _add_grad(p, flat[at: at + n].view(p.shape), fresh=True)
+            at += n
+
+
+def _packed(pieces: list[tuple[Tensor, Tensor]], k: int) -> tuple[list[_Pack], list[tuple[Tensor, Tensor]]]:
+    """Split ``(parameter, (k, *shape) rows)`` pieces into packs of the small ones (one per dtype and device)
+    and the large ones, left as they are (packing copies: not worth it for large rows)."""
+    small: dict[tuple[torch.dtype, torch.device], list[tuple[Tensor, Tensor]]] = {}
+    large: list[tuple[Tensor, Tensor]] = []
+    for parameter, rows in pieces:
+        if rows[0].numel() <= _PACK_LIMIT:
+            small.setdefault((rows.dtype, rows.device), []).append((parameter, rows))
+        else:
+            large.append((parameter, rows))
+    packs = [
+        _Pack(torch.cat([rows.reshape(k, -1) for _, rows in group], dim=1), [p for p, _ in group])
+        for group in small.values()
+    ]
+    return packs, large
 
 
 @dataclass
@@ -312,6 +362,10 @@ class GramianStep:
     heads: list[Tensor]
     head_rows: list[Tensor]
     roots: Tensor | None = None  # kept only by the partial Gramian (its update is one ordinary backward)
+    shared_packs: list[_Pack] = field(default_factory=list)  # small per-task gradients, side by side
+    head_packs: list[_Pack] = field(default_factory=list)
+    large: list[tuple[Tensor, Tensor]] = field(default_factory=list)  # (shared parameter, its rows), unpacked
+    head_large: list[tuple[Tensor, Tensor]] = field(default_factory=list)
 
 
 class GramianEngine:
@@ -374,16 +428,19 @@ class GramianEngine:
         if partial:
             groups = groups[: self.last_layers]
         layers = [_Layer(g, [_saved_input(u) for u in g.uses]) for g in groups]
-        edges: list[GradientEdge | Tensor] = [GradientEdge(u.node, 0) for g in groups for u in g.uses]
         fallback = [] if partial else plan.fallback
         heads = [] if partial else plan.heads
-        inputs = [*edges, *fallback, *heads]
         k = roots.shape[0]
-        grads = self._batched(roots, inputs, plan.signature, partial, plan.groups) if inputs else []
+        by_parameter, grads = self._batched(roots, layers, [*fallback, *heads], plan.signature, partial,
+                                            plan.groups)
         at = 0
         for layer in layers:
-            n = len(layer.group.uses)
-            layer.deltas = grads[at: at + n]
+            if layer.group.kind == "conv" and by_parameter:  # per-task gradients straight from autograd
+                n = sum(p is not None for p in (layer.group.weight, layer.group.bias))
+                layer.per_task, layer.form, layer.inputs = grads[at: at + n], "direct", []
+            else:
+                n = len(layer.group.uses)
+                layer.deltas = grads[at: at + n]
             at += n
         fallback_rows = grads[at: at + len(fallback)]
         at += len(fallback)
@@ -392,23 +449,44 @@ class GramianEngine:
             gramian = roots.new_zeros((k, k), dtype=_F64)
             if reduce_rows is not None:
                 fallback_rows, head_rows = _reduce(layers, fallback_rows, head_rows, k, reduce_rows)
+            pieces: list[tuple[Tensor, Tensor]] = []  # (shared parameter, its per-task gradients)
+            direct: list[_Layer] = []
             for layer in layers:
-                if layer.per_task is not None:
-                    gramian = gramian + _direct_gramian(layer.per_task, k)
-                else:
-                    gramian = gramian + _layer_gramian(layer, k, self.form)
-            for rows in fallback_rows:
+                if layer.per_task is None:
+                    block = _layer_gramian(layer, k, self.form)
+                    if block is not None:
+                        gramian = gramian + block
+                        continue
+                direct.append(layer)
+                pieces += zip(_parameters(layer.group), layer.per_task or [], strict=True)
+            pieces += zip(fallback, fallback_rows, strict=True)
+            shared_packs, shared_large = _packed(pieces, k)
+            for pack in shared_packs:
+                gramian = gramian + _gram64(pack.rows)
+            for _, rows in shared_large:
                 gramian = gramian + _gram64(rows.reshape(k, -1))
             gramian = (gramian + gramian.T) / 2  # exactly symmetric (the B-side products are not)
+            head_packs, head_large = _packed(list(zip(heads, head_rows, strict=True)), k)
+        # what the update reads: the packs and the large pieces; the direct layers, fallback parameters and
+        # heads keep their per-task rows as views of the packs (for inspection)
+        rows_of = {id(p): r for p, r in [*shared_large, *head_large]}
+        for pack in [*shared_packs, *head_packs]:
+            rows_of.update((id(p), v) for p, v in zip(pack.parameters, pack.views(), strict=True))
+        for layer in direct:
+            layer.per_task, layer.packed = [rows_of[id(p)] for p in _parameters(layer.group)], True
         return GramianStep(
             gramian=gramian,
             layers=layers,
             fallback=fallback,
-            fallback_rows=fallback_rows,
+            fallback_rows=[rows_of[id(p)] for p in fallback],
             unreached=[] if partial else plan.unreached,
             heads=heads,
-            head_rows=head_rows,
+            head_rows=[rows_of[id(p)] for p in heads],
             roots=roots if partial else None,
+            shared_packs=shared_packs,
+            head_packs=head_packs,
+            large=[*shared_large],
+            head_large=[*head_large],
         )
 
     def apply(
@@ -428,11 +506,17 @@ class GramianEngine:
 
     def _apply_rows(self, step: GramianStep, shared_weights: Tensor, head_weights: Tensor) -> None:
         for layer in step.layers:
+            if layer.packed:
+                continue
             for parameter, update in _layer_update(layer, shared_weights):
                 _add_grad(parameter, update)
-        for parameter, rows in zip(step.fallback, step.fallback_rows, strict=True):
+        for pack in step.shared_packs:
+            pack.apply(shared_weights)
+        for pack in step.head_packs:
+            pack.apply(head_weights)
+        for parameter, rows in step.large:
             _add_grad(parameter, _combine(shared_weights, rows))
-        for parameter, rows in zip(step.heads, step.head_rows, strict=True):
+        for parameter, rows in step.head_large:
             _add_grad(parameter, _combine(head_weights, rows))
         for parameter in step.unreached:
             _add_grad(parameter, torch.zeros_like(parameter))
@@ -466,13 +550,31 @@ class GramianEngine:
         return eye
 
     def _batched(
-        self, roots: Tensor, inputs: Sequence[GradientEdge | Tensor], signature: tuple, retain: bool,
-        plan_groups: Sequence[_Group] = (),
-    ) -> list[Tensor]:
+        self, roots: Tensor, layers: Sequence[_Layer], leaves: Sequence[Tensor], signature: tuple,
+        retain: bool, plan_groups: Sequence[_Group] = (),
+    ) -> tuple[bool, list[Tensor]]:
+        """``(by_parameter, grads)``: the per-task gradients of every layer's output (one tensor per use), of
+        the ``leaves``, in that order. In the loop mode (``by_parameter`` true) a convolution's per-task
+        gradients are those of its parameters themselves (weight, bias), taken in the same backward: each
+        task's output gradients are then freed as soon as autograd has used them, instead of being held for
+        every layer and task at once (our choice: the same work, ``convolution_backward`` computing the
+        input and weight gradients in one call, at a fraction of the memory)."""
         key = (signature, roots.shape[0], roots.device.type)
 
-        def call(mode: Batching, trial: bool) -> list[Tensor]:
-            return self._run(roots, inputs, mode, retain=retain or trial)
+        def inputs(mode: Batching) -> list[GradientEdge | Tensor]:
+            edges: list[GradientEdge | Tensor] = []
+            for layer in layers:
+                if layer.group.kind == "conv" and mode == "loop":
+                    edges += _parameters(layer.group)
+                else:
+                    edges += [GradientEdge(u.node, 0) for u in layer.group.uses]
+            return [*edges, *leaves]
+
+        def call(mode: Batching, trial: bool) -> tuple[bool, list[Tensor]]:
+            targets = inputs(mode)
+            if not targets:
+                return mode == "loop", []
+            return mode == "loop", self._run(roots, targets, mode, retain=retain or trial)
 
         has_conv = any(g.kind == "conv" for g in plan_groups)
 
@@ -491,12 +593,15 @@ class GramianEngine:
                 is_grads_batched=True, allow_unused=True, materialize_grads=True,
             )
             return list(grads)
-        rows = [
-            torch.autograd.grad(roots[i], targets, retain_graph=retain or i < k - 1, allow_unused=True,
-                                materialize_grads=True)
-            for i in range(k)  # loop over tasks: chosen where it is faster than vmap (convolutions on CPU)
-        ]
-        return [torch.stack([row[j] for row in rows]) for j in range(len(inputs))]
+        out: list[Tensor] = []
+        for i in range(k):  # loop over tasks: chosen where it is faster than vmap (convolutions on CPU)
+            row = torch.autograd.grad(roots[i], targets, retain_graph=retain or i < k - 1, allow_unused=True,
+                                      materialize_grads=True)
+            if not out:  # each task's gradients go straight into place: no second copy of all k at once
+                out = [g.new_empty((k, *g.shape)) for g in row]
+            for buffer, g in zip(out, row, strict=True):
+                buffer[i] = g
+        return out
 
 
 def _second_backward(error: RuntimeError) -> bool:
@@ -514,7 +619,8 @@ def _reduce(
     one call of ``reduce_rows`` on a ``(k, n)`` matrix."""
     for layer in layers:
         layer.form = "direct"
-        layer.per_task = _direct_rows(layer, k)
+        if layer.per_task is None:
+            layer.per_task = _direct_rows(layer, k)
         layer.deltas, layer.inputs = [], []
     pieces = [rows for layer in layers for rows in layer.per_task or []] + fallback_rows + head_rows
     if not pieces:
@@ -571,10 +677,17 @@ def _combine(weights: Tensor, rows: Tensor) -> Tensor:
     return (weights.to(rows.dtype) @ rows.reshape(k, -1)).view(rows.shape[1:])
 
 
-def _add_grad(parameter: Tensor, update: Tensor) -> None:
+def _parameters(group: _Group) -> list[Tensor]:
+    return [p for p in (group.weight, group.bias) if p is not None]
+
+
+def _add_grad(parameter: Tensor, update: Tensor, fresh: bool = False) -> None:
+    """Accumulate ``update`` into ``parameter.grad``. ``fresh``: ``update`` is a contiguous view of a tensor
+    made for this update alone, which the parameter may keep as its ``.grad`` without a copy."""
     update = update.to(parameter.dtype)
     if parameter.grad is None:
-        parameter.grad = update.clone() if update._base is not None or not update.is_contiguous() else update
+        keep = update.is_contiguous() and (fresh or update._base is None)
+        parameter.grad = update if keep else update.clone()
     else:
         parameter.grad.add_(update)
 
@@ -589,7 +702,9 @@ def _rows(layer: _Layer, k: int) -> tuple[Tensor, Tensor]:
     return torch.cat(xs), torch.cat(ds, dim=1)
 
 
-def _layer_gramian(layer: _Layer, k: int, form: str = "auto") -> Tensor:
+def _layer_gramian(layer: _Layer, k: int, form: str = "auto") -> Tensor | None:
+    """The layer's Gram block in the B-side form, or ``None`` when the direct form is cheaper: then the
+    layer's per-task gradients are in ``layer.per_task`` and the caller forms their Gram block."""
     group = layer.group
     if group.kind == "linear":
         x, delta = _rows(layer, k)
@@ -607,10 +722,12 @@ def _layer_gramian(layer: _Layer, k: int, form: str = "auto") -> Tensor:
                 return _b_side_gramian(kernel, delta)
             return _gram64(delta.sum(dim=1))  # bias only
         layer.form = "direct"
-        return _direct_form(layer, k)
+        _direct_form(layer, k)
+        return None
     if group.kind == "conv":
         layer.form = "direct"
-        return _direct_form(layer, k)
+        _direct_form(layer, k)
+        return None
     # embedding
     indices = torch.cat([i.reshape(-1) for i in layer.inputs])
     delta = torch.cat([d.reshape(k, -1, d.shape[-1]) for d in layer.deltas], dim=1)
@@ -624,15 +741,15 @@ def _layer_gramian(layer: _Layer, k: int, form: str = "auto") -> Tensor:
             delta = delta.float()
         return _b_side_gramian((indices[:, None] == indices[None, :]).to(delta.dtype), delta)
     layer.form = "direct"
-    return _direct_form(layer, k)
+    _direct_form(layer, k)
+    return None
 
 
-def _direct_form(layer: _Layer, k: int) -> Tensor:
-    """The layer's per-task gradients (kept for the update) and their Gramian; the per-task output
-    gradients and saved inputs are dropped at once (the update reads only the per-task gradients)."""
+def _direct_form(layer: _Layer, k: int) -> None:
+    """The layer's per-task gradients (kept for the Gramian and the update); the per-task output gradients
+    and saved inputs are dropped at once (the update reads only the per-task gradients)."""
     layer.per_task = _direct_rows(layer, k)
     layer.deltas, layer.inputs = [], []
-    return _direct_gramian(layer.per_task, k)
 
 
 def _b_side_gramian(kernel: Tensor, delta: Tensor) -> Tensor:
@@ -650,15 +767,6 @@ def _b_side_gramian(kernel: Tensor, delta: Tensor) -> Tensor:
 
 def _transposed(group: _Group) -> bool:
     return group.uses[0].transposed
-
-
-def _direct_gramian(per_task: list[Tensor], k: int) -> Tensor:
-    total: Tensor | None = None
-    for rows in per_task:
-        part = _gram64(rows.reshape(k, -1))
-        total = part if total is None else total + part
-    assert total is not None
-    return total
 
 
 def _mask_padding(layer: _Layer, indices: Tensor, delta: Tensor) -> Tensor:

@@ -1,0 +1,131 @@
+"""How the Gramian engine holds per-task gradients: convolutions in the loop mode take theirs straight from
+autograd (each task's output gradients are freed as autograd goes, never held for every task at once), and
+small per-task gradients are packed side by side, large ones kept apart, each counted exactly once."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from taskbalance import gramian
+from taskbalance.gramian import GramianEngine
+from taskbalance.jacobian import parameter_jacobian
+
+K = 3
+
+
+def relative(got: Tensor, expected: Tensor) -> float:
+    return float((got - expected).abs().max() / expected.abs().max().clamp_min(1e-300))
+
+
+def check_against_jacobian(roots_of, shared: list[Tensor], engine: GramianEngine, tolerance: float) -> None:
+    jacobian = parameter_jacobian(roots_of(), shared).to(torch.float64)
+    weights = torch.tensor([0.7, -0.2, 1.3], dtype=shared[0].dtype)
+    step = engine.gramian(roots_of(), shared)
+    assert relative(step.gramian, jacobian @ jacobian.T) < tolerance
+    for p in shared:
+        p.grad = None
+    engine.apply(step, weights, weights, shared)
+    update = torch.cat([p.grad.reshape(-1) for p in shared]).to(torch.float64)
+    assert relative(update, weights.to(torch.float64) @ jacobian) < tolerance
+
+
+class TwiceConv(nn.Module):
+    """One convolution applied twice (its uses share the weight), a second one, pooled."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 3, 3, padding=1)
+        self.c2 = nn.Conv2d(3, 5, 3, stride=2, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.c1(torch.tanh(self.c1(x))))
+        return torch.tanh(self.c2(h)).mean((2, 3))
+
+
+@pytest.mark.parametrize("batching", ["loop", "vmap"])
+def test_a_convolution_called_twice_is_exact_in_both_batching_modes(batching):
+    torch.manual_seed(0)
+    model = TwiceConv().double()
+    heads = [nn.Linear(5, 1).double() for _ in range(K)]
+    x = torch.randn(4, 3, 9, 9, dtype=torch.float64)
+
+    def roots() -> Tensor:
+        z = model(x)
+        return torch.stack([(h(z).squeeze(-1) - i).pow(2).mean() for i, h in enumerate(heads)])
+
+    check_against_jacobian(roots, list(model.parameters()), GramianEngine(batching=batching), 1e-10)
+
+
+def test_a_layer_with_a_large_weight_and_a_small_bias_counts_each_once():
+    """The weight (over the packing limit) is kept apart, the bias packed: the update holds each once."""
+    torch.manual_seed(0)
+    width = 300
+    assert width * width > gramian._PACK_LIMIT >= width
+    layer = nn.Linear(width, width).double()
+    heads = [nn.Linear(width, 1).double() for _ in range(K)]
+    x = torch.randn(700, width, dtype=torch.float64)
+
+    def roots() -> Tensor:
+        z = torch.tanh(layer(x))
+        return torch.stack([h(z).pow(2).mean() for h in heads])
+
+    engine = GramianEngine(form="direct")
+    check_against_jacobian(roots, list(layer.parameters()), engine, 1e-10)
+    step = engine.gramian(roots(), list(layer.parameters()))
+    assert [p for p, _ in step.large] == [layer.weight]
+    assert [p for pack in step.shared_packs for p in pack.parameters] == [layer.bias]
+
+
+def test_small_per_task_gradients_are_packed_into_one_matrix():
+    torch.manual_seed(0)
+    trunk = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh())
+    heads = [nn.Linear(8, 1) for _ in range(K)]
+    z = trunk(torch.randn(64, 4))
+    roots = torch.stack([h(z).pow(2).mean() for h in heads])
+    step = GramianEngine().gramian(roots, list(trunk.parameters()))
+    assert [layer.form for layer in step.layers] == ["direct", "direct"]
+    (pack,) = step.shared_packs
+    assert pack.rows.shape == (K, sum(p.numel() for p in trunk.parameters()))
+    assert step.large == []
+    (head_pack,) = step.head_packs
+    assert head_pack.rows.shape == (K, K * 9)
+
+
+def peak_bytes(run) -> int:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    running = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        running += event.self_cpu_memory_usage
+        peak = max(peak, running)
+    return peak
+
+
+def test_convolutions_in_the_loop_mode_never_hold_every_tasks_output_gradients():
+    """The per-task output gradients of every convolution for every task (what a backward to the layers'
+    outputs would return at once) are far more than the engine's peak: it takes the convolutions' per-task
+    weight gradients from autograd, which frees each output gradient once used."""
+    torch.manual_seed(0)
+    trunk = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+    )
+    heads = [nn.Linear(16, 1) for _ in range(K)]
+    x = torch.randn(16, 3, 32, 32)
+    shared = list(trunk.parameters())
+    engine = GramianEngine(batching="loop")
+
+    def step() -> None:
+        z = trunk(x)
+        roots = torch.stack([h(z).pow(2).mean() for h in heads])
+        engine.apply(engine.gramian(roots, shared), torch.ones(K), torch.ones(K), shared)
+
+    step()  # warm-up
+    activation = 16 * 16 * 32 * 32 * 4  # bytes of one convolution's output
+    held_at_once = K * 2 * activation  # every task's output gradients of both convolutions
+    forward = peak_bytes(lambda: trunk(x))
+    assert peak_bytes(step) < forward + held_at_once / 2
