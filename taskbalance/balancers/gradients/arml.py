@@ -50,7 +50,9 @@ class ARML(GradientBalancer):
     plain SGD) on ``f``, whose gradient ``∂f/∂α_a = −2 ⟨g_a, h − Σ_b α_b g_b⟩`` we compute from the Jacobian
     and its Gramian (the official code differentiates ``f`` through a double backward over the trunk); then
     back onto the constraint set. Defining property (tested): iterated on fixed gradients, the weights
-    converge to the constrained minimiser of ``f``.
+    converge to the constrained minimiser of ``f``. The step acts on raw inner products, so ARML is **not**
+    scale-free: ``weight_lr`` must suit the gradients' scale (``∂f/∂α`` grows with their square), as in the
+    official code.
 
     **Our choices**:
 
