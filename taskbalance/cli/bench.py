@@ -40,7 +40,7 @@ def _base_study(suite: str | None, study: Path | None) -> Any:
         try:
             return get_suite(suite)
         except KeyError as error:
-            fail(str(error.args[0]))
+            fail(f"{error.args[0]}; or seeds[:group,...] (the seed methods against their claims)")
     return None
 
 

@@ -51,3 +51,6 @@ def test_bench_suite_seeds_runs_named_groups_and_refuses_study_flags(tmp_path: P
     assert refused.exit_code == 2 and "does not take --methods" in refused.output
     unknown = runner.invoke(app, ["bench", "--suite", "seeds:nope"])
     assert unknown.exit_code == 2 and "unknown seeds group" in unknown.output
+    typo = runner.invoke(app, ["bench", "--suite", "seed"])
+    assert typo.exit_code == 2 and "unknown suite 'seed'" in typo.output
+    assert "seeds[:group,...]" in typo.output
