@@ -427,16 +427,18 @@ class GramianEngine:
         groups = plan.groups
         if partial:
             groups = groups[: self.last_layers]
+        k = roots.shape[0]
         layers = [_Layer(g, [_saved_input(u) for u in g.uses]) for g in groups]
+        for layer in layers:
+            if layer.group.kind == "linear":
+                layer.form = _linear_form(layer, k, self.form)
         fallback = [] if partial else plan.fallback
         heads = [] if partial else plan.heads
-        k = roots.shape[0]
-        by_parameter, grads = self._batched(roots, layers, [*fallback, *heads], plan.signature, partial,
-                                            plan.groups)
+        loop, grads = self._batched(roots, layers, [*fallback, *heads], plan.signature, partial, plan.groups)
         at = 0
         for layer in layers:
-            if layer.group.kind == "conv" and by_parameter:  # per-task gradients straight from autograd
-                n = sum(p is not None for p in (layer.group.weight, layer.group.bias))
+            if _by_parameter(layer, loop):  # per-task gradients straight from autograd
+                n = len(_parameters(layer.group))
                 layer.per_task, layer.form, layer.inputs = grads[at: at + n], "direct", []
             else:
                 n = len(layer.group.uses)
@@ -553,18 +555,19 @@ class GramianEngine:
         self, roots: Tensor, layers: Sequence[_Layer], leaves: Sequence[Tensor], signature: tuple,
         retain: bool, plan_groups: Sequence[_Group] = (),
     ) -> tuple[bool, list[Tensor]]:
-        """``(by_parameter, grads)``: the per-task gradients of every layer's output (one tensor per use), of
-        the ``leaves``, in that order. In the loop mode (``by_parameter`` true) a convolution's per-task
-        gradients are those of its parameters themselves (weight, bias), taken in the same backward: each
-        task's output gradients are then freed as soon as autograd has used them, instead of being held for
-        every layer and task at once (our choice: the same work, ``convolution_backward`` computing the
-        input and weight gradients in one call, at a fraction of the memory)."""
+        """``(loop, grads)``: whether the loop mode ran, and the per-task gradients of each layer, then of the
+        ``leaves``. A layer whose per-task parameter gradients the engine needs (:func:`_by_parameter`: a
+        linear layer in the direct form; a convolution in the loop mode) gets them straight from this
+        backward, one tensor per parameter; any other layer gets the per-task gradients of its outputs, one
+        tensor per use (our choice: autograd forms the weight gradient in the same node call as the input
+        gradient, and frees each task's output gradients as soon as it has used them, instead of their being
+        held for every layer and task at once; the same work at a fraction of the memory)."""
         key = (signature, roots.shape[0], roots.device.type)
 
         def inputs(mode: Batching) -> list[GradientEdge | Tensor]:
             edges: list[GradientEdge | Tensor] = []
             for layer in layers:
-                if layer.group.kind == "conv" and mode == "loop":
+                if _by_parameter(layer, mode == "loop"):
                     edges += _parameters(layer.group)
                 else:
                     edges += [GradientEdge(u.node, 0) for u in layer.group.uses]
@@ -677,6 +680,29 @@ def _combine(weights: Tensor, rows: Tensor) -> Tensor:
     return (weights.to(rows.dtype) @ rows.reshape(k, -1)).view(rows.shape[1:])
 
 
+def _linear_form(layer: _Layer, k: int, form: str) -> str:
+    """The form of a linear layer, chosen before the backward from the shapes alone (:func:`linear_costs`);
+    a bias-only layer takes the direct form (its per-task gradient is the row sum autograd forms anyway)."""
+    group = layer.group
+    if group.weight is None:
+        return "direct"
+    if form in ("b_side", "direct"):
+        return form
+    width_in = layer.inputs[0].shape[-1]
+    rows = sum(x.numel() // width_in for x in layer.inputs)
+    width_out = group.weight.shape[1] if _transposed(group) else group.weight.shape[0]
+    b_side, direct = linear_costs(rows, width_in, width_out, k)
+    return "b_side" if b_side <= direct else "direct"
+
+
+def _by_parameter(layer: _Layer, loop: bool) -> bool:
+    """Whether the layer's per-task parameter gradients come straight from the batched backward: a linear
+    layer in the direct form, or a convolution in the loop mode (a vmapped convolution weight gradient is
+    slow on CPU, so in the vmap mode the engine forms them itself from the output gradients)."""
+    kind = layer.group.kind
+    return (kind == "linear" and layer.form == "direct") or (kind == "conv" and loop)
+
+
 def _parameters(group: _Group) -> list[Tensor]:
     return [p for p in (group.weight, group.bias) if p is not None]
 
@@ -707,23 +733,17 @@ def _layer_gramian(layer: _Layer, k: int, form: str = "auto") -> Tensor | None:
     layer's per-task gradients are in ``layer.per_task`` and the caller forms their Gram block."""
     group = layer.group
     if group.kind == "linear":
+        if layer.form != "b_side":  # decided before the backward (_linear_form)
+            _direct_form(layer, k)
+            return None
         x, delta = _rows(layer, k)
-        rows, width_in = x.shape
-        width_out = delta.shape[-1]
-        b_side, direct = linear_costs(rows, width_in if group.weight is not None else 0, width_out, k)
-        if form == "b_side" or (form == "auto" and b_side <= direct):
-            layer.form = "b_side"
-            if delta.dtype not in (torch.float32, _F64):  # half precision: products in float32
-                x, delta = x.float(), delta.float()
-            if group.weight is not None:
-                kernel = x @ x.T
-                if group.bias is not None:
-                    kernel = kernel + 1.0
-                return _b_side_gramian(kernel, delta)
-            return _gram64(delta.sum(dim=1))  # bias only
-        layer.form = "direct"
-        _direct_form(layer, k)
-        return None
+        if delta.dtype not in (torch.float32, _F64):  # half precision: products in float32
+            x, delta = x.float(), delta.float()
+        assert group.weight is not None  # a bias-only layer takes the direct form
+        kernel = x @ x.T
+        if group.bias is not None:
+            kernel = kernel + 1.0
+        return _b_side_gramian(kernel, delta)
     if group.kind == "conv":
         layer.form = "direct"
         _direct_form(layer, k)

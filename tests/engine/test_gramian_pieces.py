@@ -129,3 +129,40 @@ def test_convolutions_in_the_loop_mode_never_hold_every_tasks_output_gradients()
     held_at_once = K * 2 * activation  # every task's output gradients of both convolutions
     forward = peak_bytes(lambda: trunk(x))
     assert peak_bytes(step) < forward + held_at_once / 2
+
+
+class OddLinear(nn.Module):
+    """Linear uses the cost model must size right: a bare weight used as ``x @ W`` (transposed), a 3-d input
+    (rows = batch × positions), and a weight used once with its bias and once without (it falls back)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(6, 20) / 3)
+        self.seq = nn.Linear(20, 12)
+        self.l = nn.Linear(12, 12)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(x @ self.w)  # (N, 5, 20)
+        h = torch.tanh(self.seq(h))  # 3-d input
+        h = torch.tanh(self.l(h)) + torch.tanh(nn.functional.linear(h, self.l.weight))
+        return h.mean(1)
+
+
+@pytest.mark.parametrize("batching", ["loop", "vmap"])
+@pytest.mark.parametrize("form", ["auto", "b_side", "direct"])
+def test_transposed_three_d_and_split_linear_uses_are_exact(form, batching):
+    torch.manual_seed(0)
+    model = OddLinear().double()
+    heads = [nn.Linear(12, 1).double() for _ in range(K)]
+    x = torch.randn(7, 5, 6, dtype=torch.float64)
+
+    def roots() -> Tensor:
+        z = model(x)
+        return torch.stack([(h(z).squeeze(-1) - i).pow(2).mean() for i, h in enumerate(heads)])
+
+    engine = GramianEngine(form=form, batching=batching)
+    check_against_jacobian(roots, list(model.parameters()), engine, 1e-10)
+    step = engine.gramian(roots(), list(model.parameters()))
+    assert step.fallback == [model.l.weight]
+    if form != "auto":
+        assert {layer.form for layer in step.layers if layer.group.weight is not None} == {form}
