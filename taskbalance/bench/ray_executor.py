@@ -46,6 +46,8 @@ from .executor import Executor
 from .runner import execute
 from .spec import RunResult, RunSpec, now
 
+_CANCEL_SETTLE_SECONDS = 60.0  # how long map() waits for force-cancelled tasks to end (shared Ray only)
+
 __all__ = ["RayExecutor", "DEFAULT_OBJECT_STORE_MB"]
 
 DEFAULT_OBJECT_STORE_MB = 256
@@ -254,6 +256,11 @@ class RayExecutor(Executor):
             # CPUs busy in a full test session). A killed run records nothing; the study re-runs it later.
             for ref in remaining:
                 ray.cancel(ref, force=True)
+            if remaining and not owns_ray:
+                # Wait (bounded) until the killed tasks have settled: Ray releases their CPUs before their
+                # worker processes are gone, and a run submitted next could otherwise land on a dying
+                # worker and fail (seen in a shared Ray session under load).
+                ray.wait(remaining, num_returns=len(remaining), timeout=_CANCEL_SETTLE_SECONDS)
             if owns_ray:
                 self.close()
 

@@ -236,6 +236,7 @@ def test_each_run_gets_as_many_torch_threads_as_cpus_it_requests(executor):
     specs = [RunSpec("tiny", "ew", seed) for seed in range(2)]
     for cpus in (1, 2):
         results = list(RayExecutor(cpus_per_run=cpus, run=report_threads).map(specs))
+        assert [(r.status, r.error) for r in results] == [("done", None)] * len(specs)
         assert [r.metrics["threads"] for r in results] == [float(cpus)] * len(specs)
 
 
