@@ -74,6 +74,12 @@ class BMTL(LossBalancer):
     ``w_i/w_j = exp((L_i − L_j)/T)`` depends on loss differences, so BMTL is not scale-invariant; ``T → ∞``
     tends to equal weighting and ``T → 0`` to the maximum loss.
 
+    **Choose T in the losses' units.** Measured (``docs/seed-methods.md``, the seeds suite): on raw-unit
+    losses spanning σ = 1, 10, 100 (``synthetic_scales``) T = 1 and T = 5 sent training to a non-finite loss
+    in every seed and T = 25 was worse than EW; on standardised targets T = 1 and 5 were worse than EW and
+    T = 25 level with it. Standardise the targets, or set T to the order of the largest loss differences you
+    expect (and check the ``RuntimeWarning`` below), before trusting a comparison with EW.
+
     Modes:
 
     * ``"faithful"`` (default): ``L_tot = Σ_k h(L_k)``, gradient flowing through ``h``. ``exp(L/T)``
