@@ -60,26 +60,28 @@ class DoubleSampling(GradientBalancer):
         on_nonfinite: NonFinitePolicy = "raise",
     ) -> None:
         super().__init__(tasks, gradients=gradients, on_nonfinite=on_nonfinite)
-        self._present_names: tuple[str, ...] | None = None  # set by _screen, read once by _draw
+        # (the screened step, its present tasks' names): set by _screen, read once by _draw for that step
+        self._present_names: tuple[GradientStep, tuple[str, ...]] | None = None
 
     def _screen(
         self, batch: TaskLosses, step: GradientStep, inputs: list[Tensor]
     ) -> tuple[TaskLosses, GradientStep]:
         batch, step = super()._screen(batch, step, inputs)
         # the present tasks' names, known on the host here: saves a device read of step.index in _draw
-        object.__setattr__(self, "_present_names", tuple(self.tasks[i] for i in batch.index))
+        object.__setattr__(self, "_present_names", (step, tuple(self.tasks[i] for i in batch.index)))
         return batch, step
 
     def _draw(self, step: GradientStep, count: int) -> list[Tensor]:
         """``count`` Jacobians of the present tasks, each on a new extra batch (drawn before any state is
         written, so a NaN/inf there leaves the method as it was)."""
-        names, stashed = self._present_names, self._present_names
+        stashed = self._present_names
         object.__setattr__(self, "_present_names", None)
         if step.extra is None:
             raise RuntimeError(
                 missing_closure_message(self.info.name, self.extra_batches, str(self.extra_batch_source))
             )
-        if stashed is None or len(stashed) != step.num_tasks:  # aggregate() called directly
+        if stashed is not None and stashed[0] is step:
+            names = stashed[1]
+        else:  # aggregate() called directly (or after a backward that failed before drawing): no stale names
             names = tuple(self.tasks[i] for i in step.index.tolist())
-        assert names is not None
         return [step.extra.jacobian(list(names)) for _ in range(count)]

@@ -154,3 +154,28 @@ def test_bench_runs_the_double_sampling_methods_end_to_end(tmp_path: Path):
     assert "3 run(s) executed, 0 already done" in result.output
     for method in ("modo", "sdmgrad"):
         assert re.search(rf"^\s*│?\s*{method}\b", result.output, flags=re.MULTILINE), result.output
+
+
+@pytest.mark.parametrize("method", ["modo", "sdmgrad"])
+def test_names_from_a_failed_backward_never_reach_a_later_step(method, monkeypatch):
+    from taskbalance.balancers import GradientStep, ReplayedExtraBatches
+
+    torch.manual_seed(0)
+    model = ToyMultiTask(TASKS)
+    balancer = tb.make(method, TASKS)
+    _, losses = toy_losses(model, *toy_batch(TASKS, seed=0))
+    del losses["c"]  # the screened step's tasks are a, b
+
+    def fail(step):
+        raise RuntimeError("after screening, before drawing")
+
+    monkeypatch.setattr(balancer, "_prepare", fail)
+    with pytest.raises(RuntimeError, match="before drawing"):
+        balancer.backward(losses, shared=model.trunk.parameters(),
+                          extra_losses=lambda: toy_losses(model, *toy_batch(TASKS, seed=1))[1])
+    monkeypatch.undo()
+    # a later step of two other tasks (b, c) must draw b and c, not the failed step's a and b
+    jacobian = torch.randn(2, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    extra = ReplayedExtraBatches([jacobian, jacobian], ["b", "c"])
+    weights = balancer.aggregate(GradientStep.of(jacobian, index=torch.tensor([1, 2]), extra=extra)).weights
+    assert bool(torch.isfinite(weights).all()) and extra.drawn == 2
