@@ -6,9 +6,10 @@ iteration cap. On CPU it stops as soon as every problem has converged (reading a
 synchronisation) and computes only the branch such a read selects (the active-set step of a single problem,
 the full Newton step near the Nash solution); on an accelerator it runs the cap as a **fixed budget**
 (converged problems are frozen by ``torch.where`` masks, so extra iterations are no-ops) and the host never
-waits for the device. On CPU, :func:`simplex_qp` of one problem and :func:`dual_cone_weights` run their
-small vector steps in NumPy on views of the tensors, with the same iterations (our choice, for speed: a NumPy
-call on a ``k``-vector costs about a microsecond, a tensor op several). Each solver returns a ``converged``
+waits for the device. On CPU, :func:`simplex_qp` and :func:`min_norm_solve` of one problem and
+:func:`dual_cone_weights` run their small vector steps in NumPy on views of the tensors, with the same
+iterations and the same LAPACK solves (:mod:`._host_solvers`; our choice, for speed: a NumPy call on a
+``k``-vector costs about a microsecond, a tensor op several); :func:`finite_or_nan` is one NumPy check there. Each solver returns a ``converged``
 boolean tensor; :func:`warn_if_capped` turns a CPU ``False`` into one warning per balancer.
 
 * :func:`simplex_qp` — ``min ½ wᵀHw + bᵀw`` on ``{w ≥ 0, aᵀw = 1}`` by a primal active-set method.
@@ -35,6 +36,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ._host_solvers import dual_cone_np, min_norm_np, simplex_qp_np
+
 __all__ = [
     "min_norm_weights",
     "min_norm_solve",
@@ -48,6 +51,7 @@ __all__ = [
     "jacobi_scaling",
     "warn_if_capped",
     "finite_or_nan",
+    "nan_unless",
     "gramian",
 ]
 
@@ -97,6 +101,11 @@ def _on_host(*tensors: Tensor | None) -> bool:
     )
 
 
+def _array(t: Tensor) -> np.ndarray:
+    """A float64 NumPy view of a CPU tensor (a copy only when it is not float64 already)."""
+    return t.detach().to(torch.float64).numpy()
+
+
 def _finished(converged: Tensor) -> bool:
     """Early exit, on CPU tensors only: reading a CPU tensor costs no device synchronisation.
 
@@ -106,12 +115,17 @@ def _finished(converged: Tensor) -> bool:
     return _host_decides(converged) and bool(converged.all())
 
 
-def warn_if_capped(owner: object, converged: Tensor, what: str, knob: str) -> None:
-    """Warn once per ``owner`` (a balancer) when a CPU solve stopped at its iteration cap.
+def warn_if_capped(
+    owner: object, converged: Tensor, what: str, knob: str, *, finite: Tensor | None = None
+) -> None:
+    """Warn once per ``owner`` (a balancer) when a CPU solve stopped at its iteration cap. ``finite``: the
+    flag of :func:`finite_or_nan`; a solve of the identity stand-in for a non-finite Gramian never warns.
 
     Accelerator results are not read (that would synchronise); their flag stays in the step record.
     """
     if converged.device.type != "cpu" or getattr(owner, "_warned_solver_cap", False):
+        return
+    if finite is not None and not bool(finite):
         return
     if not bool(converged.all()):
         object.__setattr__(owner, "_warned_solver_cap", True)
@@ -126,10 +140,22 @@ def warn_if_capped(owner: object, converged: Tensor, what: str, knob: str) -> No
 def finite_or_nan(gramian: Tensor) -> tuple[Tensor, Tensor]:
     """``(safe, finite)``: the Gramian with non-finite entries replaced by the identity (so that LAPACK
     routines never see them) and a 0-d bool, false when any entry was non-finite. Callers return
-    ``torch.where(finite, result, nan)``: NaN propagates as documented, without a host read."""
+    ``torch.where(finite, result, nan)`` (or :func:`nan_unless`): NaN propagates as documented, without a host
+    read on accelerators. On CPU the check is one NumPy call and a finite Gramian is returned as it is."""
+    if _on_host(gramian):
+        if bool(np.isfinite(_array(gramian)).all()):
+            return gramian, torch.tensor(True)
+        return torch.eye(gramian.shape[-1], dtype=gramian.dtype), torch.tensor(False)
     finite = torch.isfinite(gramian).all()
     eye = torch.eye(gramian.shape[-1], dtype=gramian.dtype, device=gramian.device)
     return torch.where(finite, gramian, eye), finite
+
+
+def nan_unless(finite: Tensor, values: Tensor) -> Tensor:
+    """``torch.where(finite, values, nan)``; on CPU a branch on the host (no op when ``finite``)."""
+    if _host_decides(finite):
+        return values if bool(finite) else torch.full_like(values, float("nan"))
+    return torch.where(finite, values, float("nan"))
 
 
 def _eye(k: int, like: Tensor) -> Tensor:
@@ -170,7 +196,15 @@ def simplex_qp(
     from a correct warm start it stops after one iteration.
     """
     if hessian.dim() == 2 and _on_host(hessian, linear, constraint, init_free):
-        return _simplex_qp_host(hessian, linear, constraint, iters, reg, init_free)
+        k = hessian.shape[-1]
+        w_np, ok, free_np = simplex_qp_np(
+            _array(hessian),
+            None if linear is None else _array(linear).reshape(k),
+            None if constraint is None else np.broadcast_to(_array(constraint), (k,)),
+            iters, reg,
+            None if init_free is None else init_free.detach().numpy().astype(bool).reshape(k),
+        )
+        return torch.from_numpy(w_np), torch.tensor(ok), torch.from_numpy(free_np)
     h = hessian.to(torch.float64)
     k = h.shape[-1]
     batch = h.shape[:-2]
@@ -253,81 +287,6 @@ def simplex_qp(
     w = torch.where(total > 0, w / total.clamp_min(1e-300), 1.0 / (k * a))
     return w, converged, free
 
-def _simplex_qp_host(
-    hessian: Tensor, linear: Tensor | None, constraint: Tensor | None, iters: int, reg: float,
-    init_free: Tensor | None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """:func:`simplex_qp` of one problem on CPU, its cheap steps in NumPy (our choice, for speed: a ``k × k``
-    problem costs about 1 µs per NumPy call against 3–10 µs per tensor op, and reading a CPU array
-    synchronises nothing). The iterations are those of the tensor path, and the linear systems are the same
-    bordered ``(k+1)``-square systems solved by the same ``torch.linalg.solve``, so both paths give the same
-    weights (to the last bits: with duplicate rows the coefficients are fixed only by the tiny ridge, and a
-    different solver would move them by 1e-4)."""
-    wide = hessian.detach().to(torch.float64)
-    k = wide.shape[-1]
-    diag_mean_t = wide.diagonal().mean().clamp_min(1e-300)
-    h = (wide + (reg * diag_mean_t) * torch.eye(k, dtype=wide.dtype)).numpy()  # the tensor path's ridge
-    diag_mean = float(diag_mean_t)
-    b = np.zeros(k) if linear is None else linear.detach().to(torch.float64).numpy().reshape(k)
-    a = np.ones(k) if constraint is None else np.broadcast_to(
-        constraint.detach().to(torch.float64).numpy(), (k,)
-    )
-    bordered = np.zeros((k + 1, k + 1))
-    bordered[:k, :k] = h
-    bordered[:k, k] = -a
-    bordered[k, :k] = a
-    eye = np.eye(k + 1)
-    rhs_full = np.zeros(k + 1)
-    rhs_full[:k] = -b
-    rhs_full[k] = 1.0
-    free_ext = np.ones(k + 1, dtype=bool)
-    if init_free is not None:
-        free_ext[:k] = init_free.detach().cpu().numpy().astype(bool).reshape(k)
-        if not free_ext[:k].any():
-            free_ext[:k] = True
-    free = free_ext[:k]  # a view: updating free_ext updates it
-
-    def solve(rhs: np.ndarray) -> np.ndarray:
-        system = np.where(free_ext[:, None], bordered * free_ext[None, :], eye)
-        return torch.linalg.solve(torch.from_numpy(system), torch.from_numpy(rhs * free_ext)).numpy()
-
-    w = np.where(free, 1.0 / a, 0.0)
-    w = w / (a * w).sum()
-    converged = False
-    threshold = -1e-12 * diag_mean
-    for _ in range(iters if iters > 0 else 3 * k + 10):
-        solution = solve(rhs_full)
-        y, mu = solution[:k], solution[k]
-        if (y >= 0).all():
-            multipliers = np.where(free, np.inf, h @ y + b - mu * a)
-            worst = int(multipliers.argmin())
-            w = y
-            if multipliers[worst] >= threshold:
-                converged = True
-                break
-            free_ext[worst] = True
-        else:
-            shrinking = free & (y < 0)
-            ratios = np.full(k, np.inf)
-            ratios[shrinking] = w[shrinking] / np.maximum(w[shrinking] - y[shrinking], 1e-300)
-            theta = min(max(float(ratios.min()), 0.0), 1.0)
-            w = np.maximum(w + theta * (y - w), 0.0)
-            free_ext[:k] = free & ~(shrinking & (ratios <= theta * (1 + 1e-12)))
-    if reg > 0:  # the refinement of the tensor path
-        ridge = np.zeros(k + 1)
-        ridge[:k] = reg * diag_mean * w
-        refined = solve(rhs_full + ridge)[:k]
-        if converged and (refined >= 0).all():
-            w = refined
-    w = np.where(free, np.maximum(w, 0.0), 0.0)
-    total = float((a * w).sum())
-    w = w / max(total, 1e-300) if total > 0 else 1.0 / (k * a)
-    return (
-        torch.from_numpy(np.array(w, dtype=np.float64)),
-        torch.tensor(converged),
-        torch.from_numpy(free.copy()),
-    )
-
 
 def min_norm_solve(gramian: Tensor, iters: int = 0) -> tuple[Tensor, Tensor]:
     """``(c, converged)``: simplex coefficients of the min-norm point of the rows' convex hull.
@@ -337,6 +296,9 @@ def min_norm_solve(gramian: Tensor, iters: int = 0) -> tuple[Tensor, Tensor]:
     variables ``e = S c`` (``S = diag √M_ii``), where the problem reads ``min eᵀCe`` s.t. ``Σ e_i / s_i = 1``
     with ``C`` of unit diagonal: exact on norms spanning many orders of magnitude.
     """
+    if gramian.dim() == 2 and _on_host(gramian):
+        weights_np, converged_np = min_norm_np(_array(gramian), iters)
+        return torch.from_numpy(weights_np), torch.tensor(converged_np)
     c, s, _ = jacobi_scaling(gramian)
     e, converged, _ = simplex_qp(c, constraint=1.0 / s, iters=iters)
     weights = e / s
@@ -379,7 +341,8 @@ def dual_cone_weights(
         ``(v, converged)`` of shapes ``(..., k)`` and ``(...)``, float64.
     """
     if gramian.dim() == 2 and _on_host(gramian, preferences):
-        return _dual_cone_host(gramian, preferences, iters, norm_eps, reg_eps)
+        v_np, ok = dual_cone_np(_array(gramian), _array(preferences), iters, norm_eps, reg_eps)
+        return torch.from_numpy(np.ascontiguousarray(v_np)), torch.from_numpy(np.asarray(ok))
     m = gramian.to(torch.float64)
     k = m.shape[-1]
     trace = m.diagonal(dim1=-2, dim2=-1).sum(-1)
@@ -406,38 +369,6 @@ def dual_cone_weights(
         if _finished(converged):
             break
     return torch.maximum(v, u), converged
-
-def _dual_cone_host(
-    gramian: Tensor, preferences: Tensor, iters: int, norm_eps: float, reg_eps: float
-) -> tuple[Tensor, Tensor]:
-    """:func:`dual_cone_weights` on CPU, in NumPy (our choice, for speed, as :func:`_simplex_qp_host`): the
-    same primal–dual active-set iterations, every preference vector solved in one batched call."""
-    m = gramian.detach().to(torch.float64).numpy()
-    k = m.shape[-1]
-    trace = float(np.trace(m))
-    m = (np.zeros_like(m) if trace < norm_eps else m / trace) + reg_eps * np.eye(k)
-    u = preferences.detach().to(torch.float64).numpy()
-    eye = np.eye(k)
-    steps = iters if iters > 0 else 2 * k + 10
-    at_bound = np.ones(u.shape, dtype=bool)
-    v = u.copy()
-    converged = np.zeros(u.shape[:-1], dtype=bool)
-    for _ in range(steps):
-        system = np.where(at_bound[..., :, None], eye, m)
-        rhs = np.where(at_bound, u, 0.0)
-        v_new = np.linalg.solve(system, rhs[..., None])[..., 0]
-        multipliers = (m @ v_new[..., None])[..., 0]
-        new_bound = multipliers >= (v_new - u)
-        stable = (new_bound == at_bound).all(-1)
-        v = np.where(converged[..., None], v, v_new)
-        converged = converged | stable
-        at_bound = np.where(converged[..., None], at_bound, new_bound)
-        if converged.all():
-            break
-    return (
-        torch.from_numpy(np.ascontiguousarray(np.maximum(v, u), dtype=np.float64)),
-        torch.from_numpy(np.asarray(converged)),
-    )
 
 
 class CAGradSolution(NamedTuple):

@@ -11,7 +11,7 @@ from torch import Tensor
 from ..base import Aggregation, GradientBalancer, GradientLevel, GradientStep
 from ..inputs import NonFinitePolicy
 from ..registry import register
-from ._solvers import finite_or_nan, min_norm_solve, warn_if_capped
+from ._solvers import finite_or_nan, min_norm_solve, nan_unless, warn_if_capped
 
 __all__ = ["MGDA", "MGDAUB"]
 
@@ -92,9 +92,10 @@ class MGDA(GradientBalancer):
         self.mgda_gn: Normalizer = mgda_gn
         self.iters = iters
 
-    def _normalizers(self, gram: Tensor, losses: Tensor) -> Tensor:
+    def _normalizers(self, gram: Tensor, losses: Tensor) -> Tensor | None:
+        """``n_k`` (zero replaced by 1), or ``None`` for ``mgda_gn="none"`` (all ones: nothing to divide)."""
         if self.mgda_gn == "none":
-            return torch.ones_like(gram[0])
+            return None
         norms = gram.diagonal().clamp_min(0).sqrt()
         if self.mgda_gn == "l2":
             scale = norms
@@ -107,13 +108,14 @@ class MGDA(GradientBalancer):
     def aggregate(self, step: GradientStep) -> Aggregation:
         gram, finite = finite_or_nan(step.gramian)
         normalizer = self._normalizers(gram, step.losses)
-        scaled = gram / (normalizer[:, None] * normalizer[None, :])
+        scaled = gram if normalizer is None else gram / (normalizer[:, None] * normalizer[None, :])
         coefficients, converged = min_norm_solve(scaled, self.iters)
-        warn_if_capped(self, converged | ~finite, "MGDA's min-norm solver", "iters")
-        weights = coefficients / normalizer if self.mgda_gn_apply == "normalized" else coefficients
-        weights = torch.where(finite, weights, float("nan"))
+        warn_if_capped(self, converged, "MGDA's min-norm solver", "iters", finite=finite)
+        weights = coefficients
+        if self.mgda_gn_apply == "normalized" and normalizer is not None:
+            weights = coefficients / normalizer
         return Aggregation(
-            weights.to(step.dtype),
+            nan_unless(finite, weights).to(step.dtype),
             extras={"min_norm_coefficients": coefficients, "solver_converged": converged},
         )
 

@@ -10,7 +10,7 @@ from torch import Tensor
 from ..base import Aggregation, GradientBalancer, GradientLevel, GradientStep
 from ..inputs import NonFinitePolicy
 from ..registry import register
-from ._solvers import dual_cone_weights, finite_or_nan, warn_if_capped
+from ._solvers import dual_cone_weights, finite_or_nan, nan_unless, warn_if_capped
 
 __all__ = ["UPGrad"]
 
@@ -66,10 +66,9 @@ class UPGrad(GradientBalancer):
             gram, preferences, iters=self.iters, norm_eps=self.norm_eps, reg_eps=self.reg_eps
         )
         converged = converged.all()
-        warn_if_capped(self, converged | ~finite, f"{self.info.name}'s dual-cone solver", "iters")
+        warn_if_capped(self, converged, f"{self.info.name}'s dual-cone solver", "iters", finite=finite)
         weights = projected.sum(0) if projected.dim() == 2 else projected
-        weights = torch.where(finite, weights, float("nan"))
-        return Aggregation(weights.to(step.dtype), extras={"solver_converged": converged})
+        return Aggregation(nan_unless(finite, weights).to(step.dtype), extras={"solver_converged": converged})
 
     def _preferences(self, k: int, gram: Tensor) -> Tensor:
         """The weight vectors projected onto the dual cone: ``e_i / k`` for every task (UPGrad)."""
