@@ -62,6 +62,7 @@ from torch import Tensor
 from torch.autograd.graph import GradientEdge, Node
 
 from .batching import Batching, BatchingChoice
+from .jacobian import batched_vjp
 
 __all__ = ["GramianEngine", "GramianStep", "linear_costs", "embedding_costs"]
 
@@ -396,7 +397,6 @@ class GramianEngine:
         self.batching = batching
         self.form = form
         self._batching = BatchingChoice(batching)
-        self._eye: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}
 
     # ------------------------------------------------------------------ public
     def gramian(
@@ -543,14 +543,6 @@ class GramianEngine:
                 roots, grad_tensors=head_weights.to(roots.dtype).detach(), inputs=plan_heads
             )
 
-    def _identity(self, like: Tensor) -> Tensor:
-        key = (like.shape[0], like.dtype, like.device)
-        eye = self._eye.get(key)
-        if eye is None:
-            eye = torch.eye(like.shape[0], dtype=like.dtype, device=like.device)
-            self._eye[key] = eye
-        return eye
-
     def _batched(
         self, roots: Tensor, layers: Sequence[_Layer], leaves: Sequence[Tensor], signature: tuple,
         retain: bool, plan_groups: Sequence[_Group] = (),
@@ -591,11 +583,7 @@ class GramianEngine:
         k = roots.shape[0]
         targets = cast(Any, list(inputs))  # tensors and gradient edges mixed: both accepted by autograd
         if mode == "vmap":
-            grads = torch.autograd.grad(
-                roots, targets, grad_outputs=self._identity(roots), retain_graph=retain,
-                is_grads_batched=True, allow_unused=True, materialize_grads=True,
-            )
-            return list(grads)
+            return cast(list[Tensor], batched_vjp(roots, targets, retain))
         out: list[Tensor] = []
         for i in range(k):  # loop over tasks: chosen where it is faster than vmap (convolutions on CPU)
             row = torch.autograd.grad(roots[i], targets, retain_graph=retain or i < k - 1, allow_unused=True,

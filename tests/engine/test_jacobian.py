@@ -2,10 +2,12 @@
 
 import pytest
 import torch
+from torch.autograd.graph import GradientEdge
 from toy import ToyMultiTask, toy_batch, toy_losses
 
 from taskbalance.jacobian import (
     accumulate_grad,
+    batched_vjp,
     feature_jacobian,
     parameter_jacobian,
     reachable_leaves,
@@ -85,3 +87,47 @@ def test_accumulate_grad_adds_into_existing_grad():
     accumulate_grad([p, q], flat)
     torch.testing.assert_close(p.grad, 2 * flat[:6].view(2, 3))
     torch.testing.assert_close(q.grad, 2 * flat[6:])
+
+
+def _graph(seed=3, dtype=torch.float32):
+    torch.manual_seed(seed)
+    model = ToyMultiTask(TASKS, norm=True).to(dtype).train()
+    x, y = toy_batch(TASKS)
+    z, losses = toy_losses(model, x.to(dtype), {t: v.to(dtype) for t, v in y.items()})
+    return model, z, torch.stack([losses[t] for t in TASKS])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_lean_batched_vjp_is_bit_identical_to_torch_autograd_grad(dtype):
+    model, z, stacked = _graph(dtype=dtype)
+    stray = torch.zeros(5, dtype=dtype, requires_grad=True)  # reached by no loss
+    inputs = [*model.parameters(), GradientEdge(z.grad_fn, 0), stray]
+    public = batched_vjp(stacked, inputs, True, lean=False)
+    lean = batched_vjp(stacked, inputs, True, lean=True)
+    reference = torch.autograd.grad(stacked, inputs[:-1], grad_outputs=torch.eye(3, dtype=dtype),
+                                    retain_graph=True, is_grads_batched=True)
+    for got, want in zip(lean, [*reference, torch.zeros(3, 5, dtype=dtype)], strict=True):
+        assert got is not None and got.shape == want.shape and torch.equal(got, want)
+    assert all(torch.equal(a, b) for a, b in zip(public, lean, strict=True))  # type: ignore[arg-type]
+    assert batched_vjp(stacked, [stray], True, materialize=False) == [None]
+    torch.testing.assert_close(lean[-2].reshape(3, -1), naive_rows(stacked, [z]))
+
+
+def _vmap_depth() -> int:
+    depth = torch._C._vmapmode_increment_nesting()
+    torch._C._vmapmode_decrement_nesting()
+    return depth
+
+
+def test_lean_batched_vjp_leaves_no_vmap_level_behind_when_the_backward_raises():
+    depth = _vmap_depth()
+    _, z, stacked = _graph()
+    batched_vjp(stacked, [z], False)  # frees the graph
+    assert _vmap_depth() == depth
+    with pytest.raises(RuntimeError, match="second time"):
+        batched_vjp(stacked, [z], False)
+    assert _vmap_depth() == depth
+    _, z, stacked = _graph()
+    rows = batched_vjp(stacked, [z], True)[0]
+    assert rows is not None and rows.shape == (3, *z.shape)
+    torch.testing.assert_close(rows.reshape(3, -1), naive_rows(stacked, [z]))
