@@ -97,6 +97,10 @@ def _gram64(blocks: Tensor) -> Tensor:
     hundred terms carries about 1e-8 relative error, the float64 cast of a whole ``k × P`` block costs more
     than the products on narrow layers)."""
     if blocks.dim() == 2:
+        if blocks.dtype == _F64:
+            return blocks @ blocks.T
+        if blocks.dtype == torch.float32 and blocks.shape[1] <= _CHUNK:  # one chunk: no batch dimension
+            return (blocks @ blocks.T).to(_F64)
         blocks = blocks.unsqueeze(0)
     if blocks.dtype == _F64:
         return torch.bmm(blocks, blocks.transpose(1, 2)).sum(0)
@@ -147,12 +151,11 @@ class _Plan:
     signature: tuple = ()
 
 
-def _accumulated(node: object) -> Tensor | None:
-    return getattr(node, "variable", None)
-
-
 def _read_graph(roots: Tensor, shared: Sequence[Tensor]) -> _Plan:
-    """Walk the graph of ``roots`` once: recognised layer nodes, fallback parameters and head leaves."""
+    """Walk the graph of ``roots`` once: recognised layer nodes, fallback parameters and head leaves.
+
+    The walk tells node kinds apart by their type's name (a leaf is an ``AccumulateGrad`` node): no attribute
+    look-up that fails on every other node (an exception each: a third of the walk on a small model)."""
     shared_ids = {id(p): p for p in shared}
     consumers: dict[int, list[tuple[Node, int, bool]]] = {id(p): [] for p in shared}
     heads: list[Tensor] = []
@@ -167,23 +170,23 @@ def _read_graph(roots: Tensor, shared: Sequence[Tensor]) -> _Plan:
         for slot, (child, _) in enumerate(node.next_functions):  # type: ignore[attr-defined]
             if child is None:
                 continue
-            leaf = _accumulated(child)
-            if leaf is not None:
+            name = type(child).__name__
+            if name == "AccumulateGrad":
+                leaf = child.variable  # type: ignore[attr-defined]
                 if id(leaf) in shared_ids:
                     consumers[id(leaf)].append((node, slot, False))
                 elif id(leaf) not in head_ids:
                     head_ids.add(id(leaf))
                     heads.append(leaf)
                 continue
-            if type(child).__name__ == "TBackward0":
+            if name == "TBackward0":
                 grand = child.next_functions[0][0]
-                inner = _accumulated(grand) if grand is not None else None
+                inner = grand.variable if type(grand).__name__ == "AccumulateGrad" else None  # type: ignore[union-attr]
                 if inner is not None and id(inner) in shared_ids:
                     consumers[id(inner)].append((node, slot, True))
                     continue
             if child not in seen:
                 stack.append(child)
-    uses_of: dict[int, list[_Use]] = {}
     fallback_ids: set[int] = set()
     unreached: list[Tensor] = []
     node_uses: dict[Node, _Use] = {}
@@ -191,18 +194,21 @@ def _read_graph(roots: Tensor, shared: Sequence[Tensor]) -> _Plan:
         if not found:
             unreached.append(shared_ids[pid])
             continue
+        parameter = shared_ids[pid]
+        roles = []
         for node, slot, via_t in found:
-            role = _role(node, slot, via_t, shared_ids[pid])
+            role = _role(node, slot, via_t, parameter)
             if role is None:
                 fallback_ids.add(pid)
                 break
+            roles.append((node, role))
         else:
-            for node, slot, via_t in found:
-                kind, part, transposed = _role(node, slot, via_t, shared_ids[pid])  # type: ignore[misc]
-                use = node_uses.setdefault(node, _Use(kind, node))
-                setattr(use, part, shared_ids[pid])
+            for node, (kind, part, transposed) in roles:
+                use = node_uses.get(node)
+                if use is None:
+                    use = node_uses[node] = _Use(kind, node)
+                setattr(use, part, parameter)
                 use.transposed = use.transposed or transposed
-                uses_of.setdefault(pid, []).append(use)
     # group the uses by the parameters they carry; parameters split over differing groups fall back
     groups: dict[tuple, _Group] = {}
     for use in node_uses.values():
@@ -297,7 +303,7 @@ class _Layer:
     inputs: list[Tensor]  # per use: X (linear), input (conv), indices (embedding)
     deltas: list[Tensor] = field(default_factory=list)  # per use: (k, *output shape)
     form: str = "b_side"
-    per_task: list[Tensor] | None = None  # direct form: per-task gradients of (weight, bias)
+    per_task: list[Tensor] | None = None  # direct form, until packed: per-task gradients of (weight, bias)
     packed: bool = False  # direct form: the update comes from the step's packs and large pieces
 
 
@@ -313,7 +319,8 @@ class _Pack:
     parameters: list[Tensor]
 
     def views(self) -> list[Tensor]:
-        """Each parameter's ``(k, *shape)`` rows, as views of :attr:`rows`."""
+        """Each parameter's ``(k, *shape)`` rows, as views of :attr:`rows` (for inspection: the step itself
+        reads only :attr:`rows`)."""
         out: list[Tensor] = []
         at = 0
         for p in self.parameters:
@@ -324,13 +331,18 @@ class _Pack:
 
     def apply(self, weights: Tensor) -> None:
         """Add ``Σₖ weights[k] rows[k]`` to each parameter's ``.grad``: one product, then views of its
-        result (a fresh tensor, so a parameter may keep its view as ``.grad``)."""
+        result cut in one call (a fresh tensor, so a parameter may keep its view as ``.grad``)."""
         flat = weights.to(self.rows.dtype) @ self.rows
-        at = 0
-        for p in self.parameters:
-            n = p.numel()
-            _add_grad(p, flat[at: at + n].view(p.shape), fresh=True)
-            at += n
+        for p, piece in zip(self.parameters, _unflatten(flat, self.parameters), strict=True):
+            if p.grad is None and piece.dtype == p.dtype:
+                p.grad = piece
+            else:
+                _add_grad(p, piece, fresh=True)
+
+
+def _unflatten(flat: Tensor, like: list[Tensor]) -> list[Tensor]:
+    """``flat`` cut into views shaped like ``like`` (one C++ call, as DDP's bucket views)."""
+    return list(torch._C._nn.unflatten_dense_tensors(flat, like))
 
 
 def _packed(pieces: list[tuple[Tensor, Tensor]], k: int) -> tuple[list[_Pack], list[tuple[Tensor, Tensor]]]:
@@ -358,15 +370,25 @@ class GramianStep:
     gramian: Tensor
     layers: list[_Layer]
     fallback: list[Tensor]
-    fallback_rows: list[Tensor]
     unreached: list[Tensor]
     heads: list[Tensor]
-    head_rows: list[Tensor]
     roots: Tensor | None = None  # kept only by the partial Gramian (its update is one ordinary backward)
     shared_packs: list[_Pack] = field(default_factory=list)  # small per-task gradients, side by side
     head_packs: list[_Pack] = field(default_factory=list)
     large: list[tuple[Tensor, Tensor]] = field(default_factory=list)  # (shared parameter, its rows), unpacked
     head_large: list[tuple[Tensor, Tensor]] = field(default_factory=list)
+
+    def rows_of(self, parameter: Tensor) -> Tensor:
+        """The ``(k, *shape)`` per-task gradients of a parameter in the direct form, a fallback parameter or a
+        head (for inspection; views of the packs, formed on demand: the step reads only the packs)."""
+        for pack in (*self.shared_packs, *self.head_packs):
+            for p, view in zip(pack.parameters, pack.views(), strict=True):
+                if p is parameter:
+                    return view
+        for p, rows in (*self.large, *self.head_large):
+            if p is parameter:
+                return rows
+        raise KeyError("no per-task rows of this parameter in the step (a B-side layer, or not in the step)")
 
 
 class GramianEngine:
@@ -448,47 +470,36 @@ class GramianEngine:
         at += len(fallback)
         head_rows = grads[at:]
         with torch.no_grad():  # the saved layer inputs carry autograd history: record nothing
-            gramian = roots.new_zeros((k, k), dtype=_F64)
             if reduce_rows is not None:
                 fallback_rows, head_rows = _reduce(layers, fallback_rows, head_rows, k, reduce_rows)
+            blocks: list[Tensor] = []
             pieces: list[tuple[Tensor, Tensor]] = []  # (shared parameter, its per-task gradients)
-            direct: list[_Layer] = []
             for layer in layers:
                 if layer.per_task is None:
                     block = _layer_gramian(layer, k, self.form)
                     if block is not None:
-                        gramian = gramian + block
+                        blocks.append(block)
                         continue
-                direct.append(layer)
                 pieces += zip(_parameters(layer.group), layer.per_task or [], strict=True)
+                # the update reads the step's packs and large pieces (GramianStep.rows_of: the rows)
+                layer.per_task, layer.packed = None, True
             pieces += zip(fallback, fallback_rows, strict=True)
             shared_packs, shared_large = _packed(pieces, k)
-            for pack in shared_packs:
-                gramian = gramian + _gram64(pack.rows)
-            for _, rows in shared_large:
-                gramian = gramian + _gram64(rows.reshape(k, -1))
-            gramian = (gramian + gramian.T) / 2  # exactly symmetric (the B-side products are not)
+            blocks += [_gram64(pack.rows) for pack in shared_packs]
+            blocks += [_gram64(rows.reshape(k, -1)) for _, rows in shared_large]
+            gramian = _symmetric_sum(blocks, roots, k)
             head_packs, head_large = _packed(list(zip(heads, head_rows, strict=True)), k)
-        # what the update reads: the packs and the large pieces; the direct layers, fallback parameters and
-        # heads keep their per-task rows as views of the packs (for inspection)
-        rows_of = {id(p): r for p, r in [*shared_large, *head_large]}
-        for pack in [*shared_packs, *head_packs]:
-            rows_of.update((id(p), v) for p, v in zip(pack.parameters, pack.views(), strict=True))
-        for layer in direct:
-            layer.per_task, layer.packed = [rows_of[id(p)] for p in _parameters(layer.group)], True
         return GramianStep(
             gramian=gramian,
             layers=layers,
             fallback=fallback,
-            fallback_rows=[rows_of[id(p)] for p in fallback],
             unreached=[] if partial else plan.unreached,
             heads=heads,
-            head_rows=[rows_of[id(p)] for p in heads],
             roots=roots if partial else None,
             shared_packs=shared_packs,
             head_packs=head_packs,
-            large=[*shared_large],
-            head_large=[*head_large],
+            large=shared_large,
+            head_large=head_large,
         )
 
     def apply(
@@ -593,6 +604,16 @@ class GramianEngine:
             for buffer, g in zip(out, row, strict=True):
                 buffer[i] = g
         return out
+
+
+def _symmetric_sum(blocks: list[Tensor], like: Tensor, k: int) -> Tensor:
+    """``(G + Gᵀ) / 2`` of the blocks' float64 sum ``G``: exactly symmetric (the B-side products are not)."""
+    if not blocks:
+        return like.new_zeros((k, k), dtype=_F64)
+    total = blocks[0]
+    for block in blocks[1:]:
+        total = total + block
+    return (total + total.T) * 0.5  # the same bits as / 2
 
 
 def _second_backward(error: RuntimeError) -> bool:

@@ -192,12 +192,23 @@ def test_float32_products_summed_in_float64_on_a_wide_layer(form):
 
 
 def test_direct_form_layers_drop_their_output_gradients_once_their_gram_block_is_formed():
-    model = make_model("cnn", torch.float32)
-    x, y = make_batch("cnn", torch.float32, seed=0)
-    step = GramianEngine().gramian(torch.stack(list(losses_of(model, x, y).values())), shared_of(model))
+    """Their per-task gradients live only in the step's packs (or large pieces), which the update reads;
+    ``rows_of`` shows them, equal to the Jacobian's rows."""
+    model = make_model("cnn", torch.float64)
+    x, y = make_batch("cnn", torch.float64, seed=0)
+    shared = shared_of(model)
+    jacobian = parameter_jacobian(torch.stack(list(losses_of(model, x, y).values())), shared)
+    step = GramianEngine().gramian(torch.stack(list(losses_of(model, x, y).values())), shared)
     direct = [layer for layer in step.layers if layer.form == "direct"]
     assert direct
-    assert all(layer.deltas == [] and layer.inputs == [] and layer.per_task for layer in direct)
+    assert all(layer.deltas == [] and layer.inputs == [] and layer.packed for layer in direct)
+    columns = dict(zip(map(id, shared), jacobian.split([p.numel() for p in shared], dim=1), strict=True))
+    for p in [p for layer in direct for p in (layer.group.weight, layer.group.bias) if p is not None]:
+        rows = step.rows_of(p)
+        assert rows.shape == (len(TASKS), *p.shape)
+        assert relative(rows.reshape(len(TASKS), -1), columns[id(p)]) < TOLERANCE[torch.float64]
+    with pytest.raises(KeyError):
+        step.rows_of(torch.zeros(1))
 
 
 def test_in_place_change_of_a_saved_input_is_refused_by_autograd():

@@ -166,3 +166,29 @@ def test_transposed_three_d_and_split_linear_uses_are_exact(form, batching):
     assert step.fallback == [model.l.weight]
     if form != "auto":
         assert {layer.form for layer in step.layers if layer.group.weight is not None} == {form}
+
+
+def test_the_packed_update_adds_into_existing_gradients_and_never_shares_one_between_steps():
+    """A parameter without ``.grad`` takes its view of the step's update; a second step adds into it (gradient
+    accumulation), and the first step's update tensor is not written by the second."""
+    torch.manual_seed(0)
+    trunk = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh())
+    heads = [nn.Linear(8, 1) for _ in range(K)]
+    shared, head_parameters = list(trunk.parameters()), [p for h in heads for p in h.parameters()]
+    x = torch.randn(16, 4)
+
+    def roots() -> Tensor:
+        z = trunk(x)
+        return torch.stack([h(z).pow(2).mean() for h in heads])
+
+    weights = torch.tensor([0.7, -0.2, 1.3])
+    reference = parameter_jacobian(roots(), [*shared, *head_parameters])
+    engine = GramianEngine()
+    engine.apply(engine.gramian(roots(), shared), weights, weights, shared)
+    first = [p.grad for p in [*shared, *head_parameters]]
+    snapshot = [g.clone() for g in first]
+    engine.apply(engine.gramian(roots(), shared), weights, weights, shared)
+    update = torch.cat([p.grad.reshape(-1) for p in [*shared, *head_parameters]])
+    torch.testing.assert_close(update, 2 * (weights @ reference))
+    assert all(p.grad is g for p, g in zip([*shared, *head_parameters], first, strict=True))  # added in place
+    torch.testing.assert_close(torch.cat([g.reshape(-1) for g in snapshot]), weights @ reference)
