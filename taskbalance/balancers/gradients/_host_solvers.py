@@ -129,15 +129,17 @@ def dual_cone_np(
     converged)``, every preference vector solved in one batched call."""
     k = m.shape[-1]
     trace = float(np.trace(m))
-    m = (np.zeros_like(m) if trace < norm_eps else m / trace) + reg_eps * np.eye(k)
     eye = np.eye(k)
+    m = (np.zeros_like(m) if trace < norm_eps else m / trace) + reg_eps * eye
     at_bound = np.ones(u.shape, dtype=bool)
     v = u
     converged = np.zeros(u.shape[:-1], dtype=bool)
     for _ in range(iters if iters > 0 else 2 * k + 10):
-        system = np.where(at_bound[..., :, None], eye, m)
-        rhs = np.where(at_bound, u, 0.0)
-        v_new = np.linalg.solve(system, rhs[..., None])[..., 0]
+        if at_bound.all():  # every system is the identity: its LAPACK solution is u, exactly
+            v_new = u
+        else:
+            system = np.where(at_bound[..., :, None], eye, m)
+            v_new = np.linalg.solve(system, np.where(at_bound, u, 0.0)[..., None])[..., 0]
         new_bound = (m @ v_new[..., None])[..., 0] >= (v_new - u)
         stable = (new_bound == at_bound).all(-1)
         if not converged.any():  # the usual case: every problem still running

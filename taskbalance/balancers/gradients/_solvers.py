@@ -9,8 +9,9 @@ the full Newton step near the Nash solution); on an accelerator it runs the cap 
 waits for the device. On CPU, :func:`simplex_qp` and :func:`min_norm_solve` of one problem and
 :func:`dual_cone_weights` run their small vector steps in NumPy on views of the tensors, with the same
 iterations and the same LAPACK solves (:mod:`._host_solvers`; our choice, for speed: a NumPy call on a
-``k``-vector costs about a microsecond, a tensor op several); :func:`finite_or_nan` is one NumPy check there. Each solver returns a ``converged``
-boolean tensor; :func:`warn_if_capped` turns a CPU ``False`` into one warning per balancer.
+``k``-vector costs about a microsecond, a tensor op several); :func:`finite_or_nan` is one NumPy check
+there. Each solver returns a ``converged`` boolean tensor; :func:`warn_if_capped` turns a CPU ``False``
+into one warning per balancer.
 
 * :func:`simplex_qp` — ``min ½ wᵀHw + bᵀw`` on ``{w ≥ 0, aᵀw = 1}`` by a primal active-set method.
 * :func:`min_norm_weights` / :func:`min_norm_solve` — the min-norm point of the rows' convex hull (MGDA,

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from ..registry import register
-from .upgrad import UPGrad
+from .upgrad import UPGrad, _constant
 
 __all__ = ["DualProj"]
 
@@ -30,4 +30,6 @@ class DualProj(UPGrad):
 
     def _preferences(self, k: int, gram: Tensor) -> Tensor:
         """One weight vector, the mean ``1/k`` (DualProj projects the mean gradient)."""
-        return torch.full((k,), 1.0 / k, dtype=gram.dtype, device=gram.device)
+        return _constant(
+            "dualproj", k, gram, lambda: torch.full((k,), 1.0 / k, dtype=gram.dtype, device=gram.device)
+        )

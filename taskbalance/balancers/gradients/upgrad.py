@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -13,6 +13,19 @@ from ..registry import register
 from ._solvers import dual_cone_weights, finite_or_nan, nan_unless, warn_if_capped
 
 __all__ = ["UPGrad"]
+
+_CONSTANTS: dict[tuple, Tensor] = {}
+
+
+def _constant(name: str, k: int, like: Tensor, make: Callable[[], Tensor]) -> Tensor:
+    """A read-only constant per ``(name, k, dtype, device)``, made once (not a per-step allocation)."""
+    key = (name, k, like.dtype, like.device)
+    value = _CONSTANTS.get(key)
+    if value is None:
+        if len(_CONSTANTS) > 64:
+            _CONSTANTS.clear()
+        value = _CONSTANTS[key] = make()
+    return value
 
 
 @register(
@@ -72,4 +85,4 @@ class UPGrad(GradientBalancer):
 
     def _preferences(self, k: int, gram: Tensor) -> Tensor:
         """The weight vectors projected onto the dual cone: ``e_i / k`` for every task (UPGrad)."""
-        return torch.eye(k, dtype=gram.dtype, device=gram.device) / k
+        return _constant("upgrad", k, gram, lambda: torch.eye(k, dtype=gram.dtype, device=gram.device) / k)
