@@ -144,3 +144,29 @@ def test_a_vmap_failing_deep_in_the_backward_falls_back_to_the_loop_on_the_same_
 
     for guarded, plain in zip(step(True), step(False), strict=True):
         torch.testing.assert_close(guarded, plain)
+
+
+def test_batches_of_changing_size_share_one_key_so_only_the_first_step_keeps_the_graph(monkeypatch):
+    """Graph models change their batch's node and edge counts every step. The Gramian engine's batching key is
+    the model's structure (the shared layers' shapes), not the data's, so the graph-keeping first vmap of a
+    key (the loop fallback's insurance) happens once, not on every step. (The Jacobian path keeps the graph
+    on every step anyway: the heads' backward follows.)"""
+    from taskbalance import gramian
+
+    retained: list[bool] = []
+    real = gramian.batched_vjp
+
+    def spy(roots, inputs, retain_graph, **options):
+        retained.append(retain_graph)
+        return real(roots, inputs, retain_graph, **options)
+
+    monkeypatch.setattr(gramian, "batched_vjp", spy)
+    torch.manual_seed(0)
+    trunk = nn.Sequential(nn.Linear(4, 8), nn.Tanh())
+    heads = nn.ModuleList(nn.Linear(8, 1) for _ in range(3))
+    balancer = taskbalance.make("mgda", list("abc"), engine="gramian")
+    for rows in (5, 9, 7, 12):
+        z = trunk(torch.randn(rows, 4))
+        balancer.backward({t: h(z).pow(2).mean() for t, h in zip("abc", heads, strict=True)},
+                          shared=trunk.parameters())
+    assert retained == [True, False, False, False]
