@@ -33,6 +33,7 @@ through ``balancer.parameters()``: add them to your optimiser, e.g.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -453,6 +454,24 @@ class GradientStep:
             return torch.isfinite(self.gramian.diagonal())
         return torch.isfinite(self.jacobian).all(dim=1)
 
+    def surely_finite(self, *, gradients: bool = True, from_gramian: bool = True) -> bool:
+        """Whether the losses (and, with ``gradients``, the gradients) are all finite, in one host read.
+
+        A NaN or an infinity survives a sum, so finite sums of the losses and of the Gramian's diagonal (or of
+        the Jacobian, as in :meth:`finite_rows`) mean every term is finite: ``True`` is certain. ``False``
+        may be a false alarm (large finite values whose sum overflows), which :meth:`finite_rows` settles.
+        On the CPU the sums are read as two Python numbers (a host read costs nothing there)."""
+        losses = self.losses.sum(dtype=torch.float64)
+        grads: Tensor | None = None
+        if gradients:
+            if from_gramian or self.jacobian is None or "gramian" in self.__dict__:
+                grads = self.gramian.trace()
+            else:
+                grads = self.jacobian.sum(dtype=torch.float64)
+        if losses.device.type == "cpu":
+            return math.isfinite(float(losses) + (0.0 if grads is None else float(grads)))
+        return bool(torch.isfinite(losses if grads is None else losses + grads))
+
     def rows(self, keep: Tensor) -> GradientStep:
         """The step restricted to the present tasks at positions ``keep`` (the Gramian is sliced, not
         recomputed, when it is already known)."""
@@ -744,13 +763,19 @@ class GradientBalancer(Balancer):
     def _screen(
         self, batch: TaskLosses, step: GradientStep, inputs: list[Tensor]
     ) -> tuple[TaskLosses, GradientStep]:
-        """``on_nonfinite`` for the present tasks' losses *and* gradients, with one host read.
+        """``on_nonfinite`` for the present tasks' losses *and* gradients, with one host read (a second only
+        on a step with a non-finite value or an overflowing sum: :meth:`GradientStep.surely_finite`).
 
         The gradient check reads the Gramian's diagonal (or the Jacobian): data the step has on the device.
         Under a GradScaler an overflowing gradient is the scaler's business (:meth:`_aggregate_guarded`).
         """
         if self.on_nonfinite == "propagate":
             return batch, step
+        if not self.takes_log_of_losses and step.surely_finite(
+            gradients=self._grad_scale is None, from_gramian=self.needs == "gramian"
+        ):  # the one host read per step
+            return batch, step
+        # something is not finite, or a sum overflowed: which tasks (a second read, on such steps only)
         problem = ~torch.isfinite(step.losses)
         if self.takes_log_of_losses:
             problem = problem | (step.losses < 0)
@@ -758,7 +783,7 @@ class GradientBalancer(Balancer):
         if self._grad_scale is None:
             finite_rows = step.finite_rows(from_gramian=self.needs == "gramian")
             problem = problem | ~finite_rows
-        if not bool(problem.any()):  # the one host read per step
+        if not bool(problem.any()):
             return batch, step
         if finite_rows is not None and not bool(finite_rows.all()) and self._reducer is None and inputs:
             step = self._isolate_nonfinite(batch, step, finite_rows, inputs)

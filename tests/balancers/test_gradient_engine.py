@@ -71,3 +71,62 @@ def test_feature_mode_requires_features():
     _, losses = toy_losses(model, x, y)
     with pytest.raises(ValueError, match="features"):
         UnitWeights(TASKS, gradients="features").backward(losses, shared=model.trunk.parameters())
+
+
+# ---------------------------------------------------------------- the screen's one host read
+def _step(losses, gramian=None, jacobian=None):
+    from taskbalance.balancers.base import GradientStep
+
+    losses = torch.tensor(losses, dtype=torch.float64)
+    return GradientStep(losses=losses, index=torch.arange(len(losses)), jacobian=jacobian,
+                        dtype=torch.float64, precomputed_gramian=gramian)
+
+
+@pytest.mark.parametrize("poison", ["nan loss", "inf loss", "inf and -inf losses", "nan gradient",
+                                    "inf gradient", "inf jacobian"])
+def test_surely_finite_catches_every_nonfinite_loss_or_gradient(poison):
+    inf, nan = float("inf"), float("nan")
+    losses = {"nan loss": [1.0, nan], "inf loss": [inf, 1.0], "inf and -inf losses": [inf, -inf]}
+    gramian = torch.eye(2, dtype=torch.float64)
+    jacobian = torch.ones(2, 3, dtype=torch.float64)
+    if poison == "nan gradient":
+        gramian[1, 1] = nan
+    if poison == "inf gradient":
+        gramian[0, 0] = inf
+    if poison == "inf jacobian":
+        jacobian[1, 2] = inf
+    step = _step(losses.get(poison, [1.0, 2.0]), None if poison == "inf jacobian" else gramian, jacobian)
+    from_gramian = poison != "inf jacobian"
+    assert not step.surely_finite(from_gramian=from_gramian)
+    assert _step([1.0, 2.0], torch.eye(2, dtype=torch.float64)).surely_finite()
+    if poison in ("nan gradient", "inf gradient", "inf jacobian"):  # the losses alone are finite
+        assert step.surely_finite(gradients=False)
+        assert not bool(step.finite_rows(from_gramian=from_gramian).all())
+
+
+@pytest.mark.parametrize("engine", ["gramian", "jacobian"])
+@pytest.mark.parametrize("method", ["upgrad", "mgda"])
+def test_finite_losses_whose_sum_overflows_are_not_dropped(engine, method):
+    """The screen's sum of the losses overflows (a false alarm): the exact check clears it and the step is
+    the same as without the huge constant in the losses (it moves no gradient)."""
+    import taskbalance
+
+    torch.manual_seed(0)
+    model = ToyMultiTask(TASKS).double()
+    x, y = toy_batch(TASKS)
+    x, y = x.double(), {t: v.double() for t, v in y.items()}
+    results = []
+    for offset in (0.0, 1e308):
+        model.zero_grad(set_to_none=True)
+        balancer = taskbalance.make(method, TASKS, engine=engine)
+        _, losses = toy_losses(model, x, y)
+        losses = {t: loss + offset for t, loss in losses.items()}
+        if offset:
+            assert not bool(torch.isfinite(torch.stack(list(losses.values())).sum()))
+        record = balancer.backward(losses, shared=list(model.trunk.parameters()))
+        assert record.skipped == {}
+        results.append((record.weights.clone(), grads_of(model)))
+    (weights, grads), (weights_big, grads_big) = results
+    torch.testing.assert_close(weights_big, weights, rtol=1e-12, atol=0)
+    for name in grads:
+        torch.testing.assert_close(grads_big[name], grads[name], rtol=1e-12, atol=0)
