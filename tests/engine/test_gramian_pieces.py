@@ -192,3 +192,41 @@ def test_the_packed_update_adds_into_existing_gradients_and_never_shares_one_bet
     torch.testing.assert_close(update, 2 * (weights @ reference))
     assert all(p.grad is g for p, g in zip([*shared, *head_parameters], first, strict=True))  # added in place
     torch.testing.assert_close(torch.cat([g.reshape(-1) for g in snapshot]), weights @ reference)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_side_by_side_equals_flattening_and_concatenating_every_piece(dtype):
+    rows = [torch.randn(K, 4, 5, dtype=dtype), torch.randn(K, 5, dtype=dtype),
+            torch.randn(K, 6, 4, dtype=dtype).transpose(1, 2), torch.randn(K, 1, 2, 3, dtype=dtype)]
+    expected = torch.cat([r.reshape(K, -1) for r in rows], dim=1)
+    assert torch.equal(gramian._side_by_side(rows, K), expected)
+    with_scalar = [*rows, torch.randn(K, dtype=dtype)]  # the rows of a 0-d parameter
+    assert torch.equal(gramian._side_by_side(with_scalar, K),
+                       torch.cat([r.reshape(K, -1) for r in with_scalar], dim=1))
+    assert torch.equal(gramian._side_by_side(rows[:1], K), rows[0].reshape(K, -1))
+
+
+def test_a_zero_dimensional_shared_parameter_and_head_are_exact():
+    torch.manual_seed(0)
+    trunk = nn.Linear(3, 4).double()
+    scale = nn.Parameter(torch.tensor(1.5, dtype=torch.float64))  # a 0-d shared parameter (fallback)
+    heads = [nn.Linear(4, 1).double() for _ in range(K)]
+    offsets = [nn.Parameter(torch.tensor(0.1 * i, dtype=torch.float64)) for i in range(K)]  # 0-d heads
+    x = torch.randn(10, 3, dtype=torch.float64)
+
+    def roots() -> Tensor:
+        z = torch.tanh(trunk(x)) * scale
+        outputs = [h(z).squeeze(-1) + o for h, o in zip(heads, offsets, strict=True)]
+        return torch.stack([out.pow(2).mean() for out in outputs])
+
+    check_against_jacobian(roots, [*trunk.parameters(), scale], GramianEngine(), 1e-10)
+    engine = GramianEngine()
+    every = [*trunk.parameters(), scale, *[p for h in heads for p in h.parameters()], *offsets]
+    jacobian = parameter_jacobian(roots(), every)
+    for p in every:
+        p.grad = None
+    weights = torch.tensor([0.7, -0.2, 1.3], dtype=torch.float64)
+    engine.apply(engine.gramian(roots(), [*trunk.parameters(), scale]), weights, weights,
+                 [*trunk.parameters(), scale])
+    update = torch.cat([p.grad.reshape(-1) for p in every])
+    assert relative(update, weights @ jacobian) < 1e-10
