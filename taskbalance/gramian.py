@@ -312,11 +312,17 @@ _PACK_LIMIT = 1 << 16  # per-task gradients up to this many entries are packed i
 
 @dataclass
 class _Pack:
-    """Small per-task gradients of several parameters side by side in one ``(k, n)`` matrix, so that their
-    Gram block and their update are one product each instead of several small ones per parameter."""
+    """Small per-task gradients of several parameters side by side in one ``(k, n)`` matrix, the shared
+    parameters' first and the heads' after them, so that their Gram block (of the shared columns) and their
+    update are one product each instead of several small ones per parameter."""
 
     rows: Tensor  # (k, n)
     parameters: list[Tensor]
+    shared: int  # the first `shared` parameters are shared ones (in the Gramian), the others heads
+    width: int  # the shared parameters' columns: rows[:, :width]
+
+    def shared_rows(self) -> Tensor:
+        return self.rows if self.width == self.rows.shape[1] else self.rows[:, : self.width]
 
     def views(self) -> list[Tensor]:
         """Each parameter's ``(k, *shape)`` rows, as views of :attr:`rows` (for inspection: the step itself
@@ -329,10 +335,20 @@ class _Pack:
             at += n
         return out
 
-    def apply(self, weights: Tensor) -> None:
-        """Add ``Σₖ weights[k] rows[k]`` to each parameter's ``.grad``: one product, then views of its
-        result cut in one call (a fresh tensor, so a parameter may keep its view as ``.grad``)."""
-        flat = weights.to(self.rows.dtype) @ self.rows
+    def apply(self, shared_weights: Tensor, head_weights: Tensor) -> None:
+        """Add ``Σₖ w[k] rows[k]`` to each parameter's ``.grad`` (``w``: ``shared_weights`` for the shared
+        parameters, ``head_weights`` for the heads): one product where one set of weights applies to every
+        column, then views of its result cut in one call (a fresh tensor, so a parameter may keep its view as
+        ``.grad``)."""
+        rows, dtype = self.rows, self.rows.dtype
+        if self.shared == len(self.parameters) or shared_weights is head_weights:
+            flat = shared_weights.to(dtype) @ rows
+        elif self.shared == 0:
+            flat = head_weights.to(dtype) @ rows
+        else:
+            width = self.width
+            own, head = rows[:, :width], rows[:, width:]
+            flat = torch.cat([shared_weights.to(dtype) @ own, head_weights.to(dtype) @ head])
         for p, piece in zip(self.parameters, _unflatten(flat, self.parameters), strict=True):
             if p.grad is None and piece.dtype == p.dtype:
                 p.grad = piece
@@ -345,18 +361,27 @@ def _unflatten(flat: Tensor, like: list[Tensor]) -> list[Tensor]:
     return list(torch._C._nn.unflatten_dense_tensors(flat, like))
 
 
-def _packed(pieces: list[tuple[Tensor, Tensor]], k: int) -> tuple[list[_Pack], list[tuple[Tensor, Tensor]]]:
-    """Split ``(parameter, (k, *shape) rows)`` pieces into packs of the small ones (one per dtype and device)
-    and the large ones, left as they are (packing copies: not worth it for large rows)."""
-    small: dict[tuple[torch.dtype, torch.device], list[tuple[Tensor, Tensor]]] = {}
-    large: list[tuple[Tensor, Tensor]] = []
-    for parameter, rows in pieces:
-        if parameter.numel() <= _PACK_LIMIT:  # the numel of one task's row
-            small.setdefault((rows.dtype, rows.device), []).append((parameter, rows))
-        else:
-            large.append((parameter, rows))
-    packs = [_Pack(_side_by_side([r for _, r in g], k), [p for p, _ in g]) for g in small.values()]
-    return packs, large
+Pieces = list[tuple[Tensor, Tensor]]  # (parameter, its (k, *shape) per-task gradients)
+
+
+def _packed(shared: Pieces, heads: Pieces, k: int) -> tuple[list[_Pack], Pieces, Pieces]:
+    """Split the shared parameters' and the heads' pieces into packs of the small ones (one per dtype and
+    device, shared parameters first) and the large ones of each, left as they are (packing copies: not worth
+    it for large rows)."""
+    small: dict[tuple[torch.dtype, torch.device], tuple[Pieces, Pieces]] = {}
+    large: tuple[Pieces, Pieces] = ([], [])
+    for side, pieces in enumerate((shared, heads)):
+        for parameter, rows in pieces:
+            if parameter.numel() <= _PACK_LIMIT:  # the numel of one task's row
+                small.setdefault((rows.dtype, rows.device), ([], []))[side].append((parameter, rows))
+            else:
+                large[side].append((parameter, rows))
+    packs = [
+        _Pack(_side_by_side([r for _, r in (*own, *head)], k), [p for p, _ in (*own, *head)], len(own),
+              sum(p.numel() for p, _ in own))
+        for own, head in small.values()
+    ]
+    return packs, large[0], large[1]
 
 
 _CHUNK_CAT = callable(getattr(torch, "_chunk_cat", None))
@@ -384,15 +409,14 @@ class GramianStep:
     unreached: list[Tensor]
     heads: list[Tensor]
     roots: Tensor | None = None  # kept only by the partial Gramian (its update is one ordinary backward)
-    shared_packs: list[_Pack] = field(default_factory=list)  # small per-task gradients, side by side
-    head_packs: list[_Pack] = field(default_factory=list)
+    packs: list[_Pack] = field(default_factory=list)  # small per-task gradients, side by side
     large: list[tuple[Tensor, Tensor]] = field(default_factory=list)  # (shared parameter, its rows), unpacked
     head_large: list[tuple[Tensor, Tensor]] = field(default_factory=list)
 
     def rows_of(self, parameter: Tensor) -> Tensor:
         """The ``(k, *shape)`` per-task gradients of a parameter in the direct form, a fallback parameter or a
         head (for inspection; views of the packs, formed on demand: the step reads only the packs)."""
-        for pack in (*self.shared_packs, *self.head_packs):
+        for pack in self.packs:
             for p, view in zip(pack.parameters, pack.views(), strict=True):
                 if p is parameter:
                     return view
@@ -497,11 +521,10 @@ class GramianEngine:
                 # the update reads the step's packs and large pieces (GramianStep.rows_of: the rows)
                 layer.per_task, layer.packed = None, True
             pieces += zip(fallback, fallback_rows, strict=True)
-            shared_packs, shared_large = _packed(pieces, k)
-            blocks += [_gram64(pack.rows) for pack in shared_packs]
+            packs, shared_large, head_large = _packed(pieces, list(zip(heads, head_rows, strict=True)), k)
+            blocks += [_gram64(pack.shared_rows()) for pack in packs if pack.shared]
             blocks += [_gram64(rows.reshape(k, -1)) for _, rows in shared_large]
             gramian = _symmetric_sum(blocks, roots, k)
-            head_packs, head_large = _packed(list(zip(heads, head_rows, strict=True)), k)
         finally:
             torch._C._set_grad_enabled(grad_mode)
         return GramianStep(
@@ -511,8 +534,7 @@ class GramianEngine:
             unreached=[] if partial else plan.unreached,
             heads=heads,
             roots=roots if partial else None,
-            shared_packs=shared_packs,
-            head_packs=head_packs,
+            packs=packs,
             large=shared_large,
             head_large=head_large,
         )
@@ -542,10 +564,8 @@ class GramianEngine:
                 continue
             for parameter, update in _layer_update(layer, shared_weights):
                 _add_grad(parameter, update)
-        for pack in step.shared_packs:
-            pack.apply(shared_weights)
-        for pack in step.head_packs:
-            pack.apply(head_weights)
+        for pack in step.packs:
+            pack.apply(shared_weights, head_weights)
         for parameter, rows in step.large:
             _add_grad(parameter, _combine(shared_weights, rows))
         for parameter, rows in step.head_large:

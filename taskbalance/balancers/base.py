@@ -831,7 +831,10 @@ class GradientBalancer(Balancer):
         if coefficients is None:
             coefficients = aggregation.weights
         head_weights = aggregation.weights if self.scale_heads else torch.ones_like(aggregation.weights)
-        engine.apply(computed, coefficients.detach(), head_weights.detach(), shared)
+        shared_weights = coefficients.detach()
+        # the same object when the heads take the shared weights: the engine then forms one product
+        head_weights = shared_weights if head_weights is coefficients else head_weights.detach()
+        engine.apply(computed, shared_weights, head_weights, shared)
         weights = batch.values.new_zeros(self.num_tasks).index_copy(
             0, index, aggregation.weights.to(roots.dtype)
         )

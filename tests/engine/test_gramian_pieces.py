@@ -75,7 +75,7 @@ def test_a_layer_with_a_large_weight_and_a_small_bias_counts_each_once():
     check_against_jacobian(roots, list(layer.parameters()), engine, 1e-10)
     step = engine.gramian(roots(), list(layer.parameters()))
     assert [p for p, _ in step.large] == [layer.weight]
-    assert [p for pack in step.shared_packs for p in pack.parameters] == [layer.bias]
+    assert [p for pack in step.packs for p in pack.parameters[: pack.shared]] == [layer.bias]
 
 
 def test_small_per_task_gradients_are_packed_into_one_matrix():
@@ -86,11 +86,12 @@ def test_small_per_task_gradients_are_packed_into_one_matrix():
     roots = torch.stack([h(z).pow(2).mean() for h in heads])
     step = GramianEngine().gramian(roots, list(trunk.parameters()))
     assert [layer.form for layer in step.layers] == ["direct", "direct"]
-    (pack,) = step.shared_packs
-    assert pack.rows.shape == (K, sum(p.numel() for p in trunk.parameters()))
-    assert step.large == []
-    (head_pack,) = step.head_packs
-    assert head_pack.rows.shape == (K, K * 9)
+    (pack,) = step.packs  # the shared parameters' rows, then the heads'
+    width = sum(p.numel() for p in trunk.parameters())
+    assert pack.rows.shape == (K, width + K * 9) and pack.width == width and pack.shared == 4
+    assert {id(p) for p in pack.parameters[:4]} == {id(p) for p in trunk.parameters()}
+    assert {id(p) for p in pack.parameters[4:]} == {id(p) for h in heads for p in h.parameters()}
+    assert step.large == [] and step.head_large == []
 
 
 def peak_bytes(run) -> int:
@@ -230,3 +231,31 @@ def test_a_zero_dimensional_shared_parameter_and_head_are_exact():
                  [*trunk.parameters(), scale])
     update = torch.cat([p.grad.reshape(-1) for p in every])
     assert relative(update, weights @ jacobian) < 1e-10
+
+
+@pytest.mark.parametrize("same", ["one object", "equal copies", "different"])
+def test_a_pack_of_shared_and_head_rows_applies_each_side_its_own_weights(same):
+    torch.manual_seed(0)
+    trunk = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh()).double()
+    heads = [nn.Linear(8, 1).double() for _ in range(K)]
+    shared, head_parameters = list(trunk.parameters()), [p for h in heads for p in h.parameters()]
+    x = torch.randn(16, 4, dtype=torch.float64)
+
+    def roots() -> Tensor:
+        z = trunk(x)
+        return torch.stack([h(z).pow(2).mean() for h in heads])
+
+    shared_weights = torch.tensor([0.7, -0.2, 1.3], dtype=torch.float64)
+    head_weights = {"one object": shared_weights, "equal copies": shared_weights.clone(),
+                    "different": torch.tensor([1.0, 2.0, -0.5], dtype=torch.float64)}[same]
+    jacobian_shared = parameter_jacobian(roots(), shared)
+    jacobian_heads = parameter_jacobian(roots(), head_parameters)
+    engine = GramianEngine()
+    step = engine.gramian(roots(), shared)
+    (pack,) = step.packs
+    assert 0 < pack.shared < len(pack.parameters)
+    engine.apply(step, shared_weights, head_weights, shared)
+    got_shared = torch.cat([p.grad.reshape(-1) for p in shared])
+    got_heads = torch.cat([p.grad.reshape(-1) for p in head_parameters])
+    assert relative(got_shared, shared_weights @ jacobian_shared) < 1e-12
+    assert relative(got_heads, head_weights @ jacobian_heads) < 1e-12
