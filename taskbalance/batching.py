@@ -62,9 +62,14 @@ class BatchingChoice:
         the caller decides. After a vmap raised, new keys of this choice start with the loop. ``reraise``
         says which errors of the vmap mode are the caller's (not a missing batching rule). ``preferred``
         gives the rule's mode for a new key (``mode="auto"``; asked once per key)."""
-        if self.mode == "auto" and key not in self.chosen:
-            self._remember(key, "loop" if self.vmap_failed else preferred())
-        fixed = self.chosen.get(key) if self.mode in ("auto", "timed") else self.mode
+        mode = self.mode
+        if mode == "auto" or mode == "timed":
+            fixed = self.chosen.get(key)  # the key is hashed twice per step at most (here and in proven)
+            if fixed is None and mode == "auto":
+                fixed = "loop" if self.vmap_failed else preferred()
+                self._remember(key, fixed)
+        else:
+            fixed = mode
         if fixed is not None:
             if fixed == "loop":
                 return call("loop", False)
@@ -77,9 +82,10 @@ class BatchingChoice:
                 self._remember(key, "loop")
                 self.vmap_failed = True  # new keys of this model start with the loop too
                 return call("loop", False)
-            if len(self.proven) >= _MAX_KEYS:
-                self.proven.clear()
-            self.proven.add(key)
+            if not proven:
+                if len(self.proven) >= _MAX_KEYS:
+                    self.proven.clear()
+                self.proven.add(key)
             return result
         timings = self.timings.setdefault(key, {"loop": [], "vmap": []})
         candidate: Batching = "vmap" if len(timings["vmap"]) < len(timings["loop"]) else "loop"

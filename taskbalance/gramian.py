@@ -621,9 +621,8 @@ class GramianEngine:
                 return mode == "loop", []
             return mode == "loop", self._run(roots, targets, mode, retain=retain or trial)
 
-        has_conv = any(g.kind == "conv" for g in plan_groups)
-
         def preferred() -> Batching:  # the rule of BatchingChoice("auto"): loop for convolutions on CPU
+            has_conv = any(g.kind == "conv" for g in plan_groups)
             return "loop" if has_conv and roots.device.type == "cpu" else "vmap"
 
         return self._batching.run(key, call, roots, _second_backward, preferred)

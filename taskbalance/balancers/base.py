@@ -835,9 +835,12 @@ class GradientBalancer(Balancer):
         # the same object when the heads take the shared weights: the engine then forms one product
         head_weights = shared_weights if head_weights is coefficients else head_weights.detach()
         engine.apply(computed, shared_weights, head_weights, shared)
-        weights = batch.values.new_zeros(self.num_tasks).index_copy(
-            0, index, aggregation.weights.to(roots.dtype)
-        )
+        if len(batch.index) == len(self.tasks):  # every task present, in task order (collect_losses)
+            weights = aggregation.weights.to(roots.dtype, copy=True)
+        else:
+            weights = batch.values.new_zeros(self.num_tasks).index_copy(
+                0, index, aggregation.weights.to(roots.dtype)
+            )
         if self.record_gramian and "gramian" not in aggregation.extras:
             aggregation.extras["gramian"] = step.gramian.detach()
         return self._record(batch, weights, aggregation.extras)

@@ -130,3 +130,38 @@ def test_finite_losses_whose_sum_overflows_are_not_dropped(engine, method):
     torch.testing.assert_close(weights_big, weights, rtol=1e-12, atol=0)
     for name in grads:
         torch.testing.assert_close(grads_big[name], grads[name], rtol=1e-12, atol=0)
+
+
+class BufferWeights(GradientBalancer):
+    """Returns its own state tensor as the weights when every task is present (a method may hand out a
+    buffer it updates in place later)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register_buffer("held", torch.tensor([0.5, 1.0, 2.0]))
+
+    def aggregate(self, step):
+        return Aggregation(weights=self.held if len(step.index) == 3 else self.held[step.index])
+
+
+BufferWeights.info = MethodInfo(
+    "buffer-test", "gradient", frozenset({"losses", "jacobian"}), "yes", "-", "-", BufferWeights
+)
+
+
+@pytest.mark.parametrize("missing", [None, "b"])
+@pytest.mark.parametrize("engine", ["gramian", "jacobian"])
+def test_the_record_holds_its_own_weights_not_the_methods_tensor(engine, missing):
+    torch.manual_seed(0)
+    model = ToyMultiTask(TASKS)
+    x, y = toy_batch(TASKS)
+    balancer = BufferWeights(TASKS)
+    balancer.set_engine(engine)
+    _, losses = toy_losses(model, x, y)
+    if missing:
+        del losses[missing]
+    record = balancer.backward(losses, shared=list(model.trunk.parameters()))
+    expected = torch.tensor([0.5, 0.0 if missing else 1.0, 2.0])
+    assert torch.equal(record.weights, expected)
+    balancer.held.mul_(10)  # the method updates its state in place later
+    assert torch.equal(record.weights, expected)
