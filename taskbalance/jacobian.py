@@ -1,7 +1,8 @@
 """The one place that computes per-task gradients.
 
-Two entry points, both batched over tasks in a single autograd call
-(``torch.autograd.grad(..., is_grads_batched=True)``, i.e. a vmapped vector-Jacobian product):
+Two entry points, both batched over tasks in a single autograd call (:func:`batched_vjp`: the vmapped
+vector-Jacobian product of ``torch.autograd.grad(..., is_grads_batched=True)``, without its Python layers;
+the Gramian engine uses it too):
 
 * :func:`parameter_jacobian` — the ``K × P`` matrix of per-task gradients w.r.t. shared parameters;
 * :func:`feature_jacobian` — the ``K × N`` matrix of per-task gradients w.r.t. a shared feature tensor
