@@ -385,6 +385,7 @@ def _packed(shared: Pieces, heads: Pieces, k: int) -> tuple[list[_Pack], Pieces,
 
 
 _CHUNK_CAT = callable(getattr(torch, "_chunk_cat", None))
+_CHUNK_CAT_DEVICES = ("cpu", "cuda")  # where torch implements it (FSDP uses it on CUDA)
 
 
 def _side_by_side(rows: list[Tensor], k: int) -> Tensor:
@@ -393,7 +394,8 @@ def _side_by_side(rows: list[Tensor], k: int) -> Tensor:
     reshape per piece and a concatenation."""
     if len(rows) == 1:
         return rows[0].reshape(k, -1)
-    if _CHUNK_CAT and all(r.dim() > 1 for r in rows):  # (k,) rows of 0-d parameters: the general path
+    if (_CHUNK_CAT and rows[0].device.type in _CHUNK_CAT_DEVICES
+            and all(r.dim() > 1 for r in rows)):  # (k,) rows of 0-d parameters: the general path
         return torch._chunk_cat(rows, dim=1, num_chunks=1).view(k, -1)
     return torch.cat([r.reshape(k, -1) for r in rows], dim=1)
 

@@ -195,8 +195,10 @@ def test_the_packed_update_adds_into_existing_gradients_and_never_shares_one_bet
     torch.testing.assert_close(torch.cat([g.reshape(-1) for g in snapshot]), weights @ reference)
 
 
+@pytest.mark.parametrize("one_op", [True, False], ids=["chunk_cat", "cat"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_side_by_side_equals_flattening_and_concatenating_every_piece(dtype):
+def test_side_by_side_equals_flattening_and_concatenating_every_piece(dtype, one_op, monkeypatch):
+    monkeypatch.setattr(gramian, "_CHUNK_CAT", one_op and gramian._CHUNK_CAT)
     rows = [torch.randn(K, 4, 5, dtype=dtype), torch.randn(K, 5, dtype=dtype),
             torch.randn(K, 6, 4, dtype=dtype).transpose(1, 2), torch.randn(K, 1, 2, 3, dtype=dtype)]
     expected = torch.cat([r.reshape(K, -1) for r in rows], dim=1)
