@@ -335,25 +335,35 @@ class _Pack:
             at += n
         return out
 
-    def apply(self, shared_weights: Tensor, head_weights: Tensor) -> None:
+    def apply(self, shared_weights: Tensor, head_weights: Tensor | None) -> None:
         """Add ``Σₖ w[k] rows[k]`` to each parameter's ``.grad`` (``w``: ``shared_weights`` for the shared
-        parameters, ``head_weights`` for the heads): one product where one set of weights applies to every
-        column, then views of its result cut in one call (a fresh tensor, so a parameter may keep its view as
-        ``.grad``)."""
+        parameters, ``head_weights`` for the heads, ``None``: ones): one product where one set of weights
+        applies to every column, then views of its result cut in one call (a fresh tensor, so a parameter may
+        keep its view as ``.grad``)."""
         rows, dtype = self.rows, self.rows.dtype
         if self.shared == len(self.parameters) or shared_weights is head_weights:
-            flat = shared_weights.to(dtype) @ rows
+            flat = _cast(shared_weights, dtype) @ rows
         elif self.shared == 0:
-            flat = head_weights.to(dtype) @ rows
+            flat = _combine_heads(head_weights, rows)
         else:
             width = self.width
             own, head = rows[:, :width], rows[:, width:]
-            flat = torch.cat([shared_weights.to(dtype) @ own, head_weights.to(dtype) @ head])
+            flat = torch.cat([_cast(shared_weights, dtype) @ own, _combine_heads(head_weights, head)])
         for p, piece in zip(self.parameters, _unflatten(flat, self.parameters), strict=True):
             if p.grad is None and piece.dtype == p.dtype:
                 p.grad = piece
             else:
                 _add_grad(p, piece, fresh=True)
+
+
+def _cast(tensor: Tensor, dtype: torch.dtype) -> Tensor:
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
+def _combine_heads(head_weights: Tensor | None, rows: Tensor) -> Tensor:
+    """``Σₖ head_weights[k] rows[k]`` of ``(k, n)`` rows; ``None``: every head its own gradient, the rows'
+    sum (one reduction instead of a product with a tensor of ones)."""
+    return rows.sum(0) if head_weights is None else _cast(head_weights, rows.dtype) @ rows
 
 
 def _unflatten(flat: Tensor, like: list[Tensor]) -> list[Tensor]:
@@ -545,12 +555,15 @@ class GramianEngine:
         self,
         step: GramianStep,
         shared_weights: Tensor,
-        head_weights: Tensor,
+        head_weights: Tensor | None,
         shared: Sequence[Tensor],
     ) -> None:
         """Accumulate ``Σₖ shared_weights[k] ∇θ Lₖ`` into the shared ``.grad`` and
-        ``Σₖ head_weights[k] ∇ Lₖ`` into the heads' ``.grad`` (weights in the roots' scale)."""
+        ``Σₖ head_weights[k] ∇ Lₖ`` into the heads' ``.grad`` (weights in the roots' scale; ``head_weights``
+        ``None``: every head takes its own task's gradient, weight 1)."""
         if step.roots is not None:  # partial Gramian: one ordinary backward of the weighted losses
+            if head_weights is None:
+                head_weights = torch.ones_like(shared_weights)
             self._apply_partial(step, shared_weights, head_weights, shared)
             return
         grad_mode = torch.is_grad_enabled()
@@ -560,7 +573,7 @@ class GramianEngine:
         finally:
             torch._C._set_grad_enabled(grad_mode)
 
-    def _apply_rows(self, step: GramianStep, shared_weights: Tensor, head_weights: Tensor) -> None:
+    def _apply_rows(self, step: GramianStep, shared_weights: Tensor, head_weights: Tensor | None) -> None:
         for layer in step.layers:
             if layer.packed:
                 continue
@@ -571,7 +584,8 @@ class GramianEngine:
         for parameter, rows in step.large:
             _add_grad(parameter, _combine(shared_weights, rows))
         for parameter, rows in step.head_large:
-            _add_grad(parameter, _combine(head_weights, rows))
+            k = rows.shape[0]
+            _add_grad(parameter, _combine_heads(head_weights, rows.reshape(k, -1)).view(rows.shape[1:]))
         for parameter in step.unreached:
             _add_grad(parameter, torch.zeros_like(parameter))
 

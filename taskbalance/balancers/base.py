@@ -830,10 +830,11 @@ class GradientBalancer(Balancer):
         coefficients = aggregation.shared_weights
         if coefficients is None:
             coefficients = aggregation.weights
-        head_weights = aggregation.weights if self.scale_heads else torch.ones_like(aggregation.weights)
         shared_weights = coefficients.detach()
-        # the same object when the heads take the shared weights: the engine then forms one product
-        head_weights = shared_weights if head_weights is coefficients else head_weights.detach()
+        head_weights: Tensor | None = None  # scale_heads off: every head its own gradient (weight 1)
+        if self.scale_heads:  # the same object when the heads take the shared weights: one product
+            same = aggregation.weights is coefficients
+            head_weights = shared_weights if same else aggregation.weights.detach()
         engine.apply(computed, shared_weights, head_weights, shared)
         if len(batch.index) == len(self.tasks):  # every task present, in task order (collect_losses)
             weights = aggregation.weights.to(roots.dtype, copy=True)

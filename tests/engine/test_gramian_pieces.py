@@ -235,7 +235,7 @@ def test_a_zero_dimensional_shared_parameter_and_head_are_exact():
     assert relative(update, weights @ jacobian) < 1e-10
 
 
-@pytest.mark.parametrize("same", ["one object", "equal copies", "different"])
+@pytest.mark.parametrize("same", ["one object", "equal copies", "different", "heads their own (None)"])
 def test_a_pack_of_shared_and_head_rows_applies_each_side_its_own_weights(same):
     torch.manual_seed(0)
     trunk = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh()).double()
@@ -249,7 +249,8 @@ def test_a_pack_of_shared_and_head_rows_applies_each_side_its_own_weights(same):
 
     shared_weights = torch.tensor([0.7, -0.2, 1.3], dtype=torch.float64)
     head_weights = {"one object": shared_weights, "equal copies": shared_weights.clone(),
-                    "different": torch.tensor([1.0, 2.0, -0.5], dtype=torch.float64)}[same]
+                    "different": torch.tensor([1.0, 2.0, -0.5], dtype=torch.float64),
+                    "heads their own (None)": None}[same]
     jacobian_shared = parameter_jacobian(roots(), shared)
     jacobian_heads = parameter_jacobian(roots(), head_parameters)
     engine = GramianEngine()
@@ -260,4 +261,33 @@ def test_a_pack_of_shared_and_head_rows_applies_each_side_its_own_weights(same):
     got_shared = torch.cat([p.grad.reshape(-1) for p in shared])
     got_heads = torch.cat([p.grad.reshape(-1) for p in head_parameters])
     assert relative(got_shared, shared_weights @ jacobian_shared) < 1e-12
-    assert relative(got_heads, head_weights @ jacobian_heads) < 1e-12
+    ones = torch.ones(K, dtype=torch.float64)
+    expected_heads = (ones if head_weights is None else head_weights) @ jacobian_heads
+    assert relative(got_heads, expected_heads) < 1e-12
+
+
+@pytest.mark.parametrize("last_layers", [None, 1])
+def test_heads_without_weights_take_their_own_gradients_large_heads_and_partial_gramian_included(last_layers):
+    """``head_weights=None``: every head gets its own task's gradient (weight 1), whether its rows are
+    packed, kept apart as a large piece, or come from the partial Gramian's ordinary backward."""
+    torch.manual_seed(0)
+    width = 300
+    assert width * width > gramian._PACK_LIMIT
+    trunk = nn.Sequential(nn.Linear(4, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh()).double()
+    heads = [nn.Sequential(nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 1)).double()
+             for _ in range(K)]
+    shared, head_parameters = list(trunk.parameters()), [p for h in heads for p in h.parameters()]
+    x = torch.randn(6, 4, dtype=torch.float64)
+
+    def roots() -> Tensor:
+        z = trunk(x)
+        return torch.stack([h(z).pow(2).mean() for h in heads])
+
+    jacobian_heads = parameter_jacobian(roots(), head_parameters)
+    engine = GramianEngine(last_layers=last_layers)
+    step = engine.gramian(roots(), shared)
+    if last_layers is None:
+        assert {id(p) for p, _ in step.head_large} == {id(h[0].weight) for h in heads}
+    engine.apply(step, torch.tensor([0.7, -0.2, 1.3], dtype=torch.float64), None, shared)
+    got_heads = torch.cat([p.grad.reshape(-1) for p in head_parameters])
+    assert relative(got_heads, torch.ones(K, dtype=torch.float64) @ jacobian_heads) < 1e-12
