@@ -378,18 +378,30 @@ def _packed(shared: Pieces, heads: Pieces, k: int) -> tuple[list[_Pack], Pieces,
     """Split the shared parameters' and the heads' pieces into packs of the small ones (one per dtype and
     device, shared parameters first) and the large ones of each, left as they are (packing copies: not worth
     it for large rows)."""
-    small: dict[tuple[torch.dtype, torch.device], tuple[Pieces, Pieces]] = {}
+    # per (dtype, device): parameters, rows, [shared count, shared columns, every row at least 2-d]
+    small: dict[tuple[torch.dtype, torch.device], tuple[list[Tensor], list[Tensor], list[int]]] = {}
     large: tuple[Pieces, Pieces] = ([], [])
     for side, pieces in enumerate((shared, heads)):
         for parameter, rows in pieces:
-            if parameter.numel() <= _PACK_LIMIT:  # the numel of one task's row
-                small.setdefault((rows.dtype, rows.device), ([], []))[side].append((parameter, rows))
-            else:
+            n = parameter.numel()  # the numel of one task's row
+            if n > _PACK_LIMIT:
                 large[side].append((parameter, rows))
+                continue
+            key = (rows.dtype, rows.device)
+            entry = small.get(key)
+            if entry is None:
+                entry = small[key] = ([], [], [0, 0, 1])
+            entry[0].append(parameter)
+            entry[1].append(rows)
+            counts = entry[2]
+            if not side:
+                counts[0] += 1
+                counts[1] += n
+            if rows.dim() < 2:  # the (k,) rows of a 0-d parameter
+                counts[2] = 0
     packs = [
-        _Pack(_side_by_side([r for _, r in (*own, *head)], k), [p for p, _ in (*own, *head)], len(own),
-              sum(p.numel() for p, _ in own))
-        for own, head in small.values()
+        _Pack(_side_by_side(rows, k, bool(counts[2])), parameters, counts[0], counts[1])
+        for parameters, rows, counts in small.values()
     ]
     return packs, large[0], large[1]
 
@@ -398,16 +410,17 @@ _CHUNK_CAT = callable(getattr(torch, "_chunk_cat", None))
 _CHUNK_CAT_DEVICES = ("cpu", "cuda")  # where torch implements it (FSDP uses it on CUDA)
 
 
-def _side_by_side(rows: list[Tensor], k: int) -> Tensor:
+def _side_by_side(rows: list[Tensor], k: int, at_least_2d: bool | None = None) -> Tensor:
     """``(k, n)``: the ``(k, *shape)`` rows (same dtype and device) flattened and concatenated along dim 1, in
     one op where torch has it (``_chunk_cat`` with one chunk: FSDP's flatten-and-concatenate) instead of a
-    reshape per piece and a concatenation."""
+    reshape per piece and a concatenation. ``at_least_2d``: whether every row is (``None``: look)."""
     if len(rows) == 1:
         return rows[0].reshape(k, -1)
-    if (_CHUNK_CAT and rows[0].device.type in _CHUNK_CAT_DEVICES
-            and all(r.dim() > 1 for r in rows)):  # (k,) rows of 0-d parameters: the general path
+    if at_least_2d is None:
+        at_least_2d = all(r.dim() > 1 for r in rows)
+    if _CHUNK_CAT and at_least_2d and rows[0].device.type in _CHUNK_CAT_DEVICES:
         return torch._chunk_cat(rows, dim=1, num_chunks=1).view(k, -1)
-    return torch.cat([r.reshape(k, -1) for r in rows], dim=1)
+    return torch.cat([r.reshape(k, -1) for r in rows], dim=1)  # (k,) rows of 0-d parameters among them
 
 
 @dataclass
