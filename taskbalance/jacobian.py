@@ -91,9 +91,7 @@ def batched_vjp(
     k = roots.shape[0]
     eye = _eye(k, roots)
     targets: Any = tuple(inputs)
-    if lean and _LEAN and not torch.overrides.has_torch_function(
-        (roots, *(x for x in targets if isinstance(x, Tensor)))
-    ):
+    if lean and _LEAN and not torch.overrides.has_torch_function((roots, *targets)):  # edges have none
         grads = _lean_vjp(roots, eye, targets, retain_graph)
     else:
         grads = torch.autograd.grad(

@@ -131,3 +131,25 @@ def test_lean_batched_vjp_leaves_no_vmap_level_behind_when_the_backward_raises()
     rows = batched_vjp(stacked, [z], True)[0]
     assert rows is not None and rows.shape == (3, *z.shape)
     torch.testing.assert_close(rows.reshape(3, -1), naive_rows(stacked, [z]))
+
+
+class _Logged(torch.Tensor):
+    """A tensor subclass that overrides torch functions (as DTensor and other wrappers do)."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def test_tensors_that_override_torch_functions_take_the_public_batched_call(monkeypatch):
+    from taskbalance import jacobian
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the lean call must not see a tensor that overrides torch functions")
+
+    monkeypatch.setattr(jacobian, "_lean_vjp", refuse)
+    weight = torch.randn(4, 3).as_subclass(_Logged).requires_grad_()
+    x = torch.randn(5, 3)
+    losses = torch.stack([(x @ weight.T).pow(2).mean(), (x @ weight.T).sin().sum()])
+    (rows,) = batched_vjp(losses, [weight], True)
+    torch.testing.assert_close(torch.Tensor(rows).reshape(2, -1), naive_rows(losses, [weight]))
