@@ -7,8 +7,9 @@ synchronisation): a NumPy call on a ``k``-vector costs one to three microseconds
 Bit-for-bit agreement with the tensor path matters where a problem is degenerate: with duplicate rows the
 active-set systems have a condition number of about ``1 / reg = 1e12``, so a one-ulp difference in a
 system's entries moves the coefficients by about 1e-4. Every entry of a system is therefore formed here by the
-same correctly rounded elementwise operations as on the tensor path, the ridge's mean diagonal is taken by
-the same torch reduction, and the systems are solved by the same ``torch.linalg.solve_ex`` (LAPACK ``gesv``).
+same correctly rounded elementwise operations as on the tensor path (the ridge's scale is the largest diagonal
+entry: a maximum is exact in any order), and the systems are solved by the same ``torch.linalg.solve_ex``
+(LAPACK ``gesv``).
 Only the branch decisions (signs of multipliers, against tolerances of 1e-12) read NumPy products.
 """
 
@@ -31,6 +32,19 @@ def jacobi_scaling_np(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return m / (s[:, None] * s[None, :]), s
 
 
+_IDENTITIES: dict[int, np.ndarray] = {}
+
+
+def _identity(k: int) -> np.ndarray:
+    """A read-only ``k × k`` identity, made once per ``k``."""
+    eye = _IDENTITIES.get(k)
+    if eye is None:
+        eye = np.eye(k)
+        eye.setflags(write=False)
+        _IDENTITIES[k] = eye
+    return eye
+
+
 def _solve(system: np.ndarray, rhs: np.ndarray) -> np.ndarray:
     """``system⁻¹ rhs`` by torch's LAPACK call (the tensor path's), on views of the arrays."""
     solution = torch.linalg.solve_ex(torch.from_numpy(system), torch.from_numpy(rhs)[:, None])[0]
@@ -49,11 +63,9 @@ def simplex_qp_np(
 
     ``b = None`` is 0 and ``a = None`` is ones (the simplex), as there."""
     k = h.shape[0]
+    diag_scale = max(float(np.diagonal(h).max()), 1e-300)  # the tensor path's (a max is exact)
     if reg > 0:
-        diag_mean = float(torch.from_numpy(h).diagonal().mean().clamp_min(1e-300))  # the tensor path's
-        h = h + (reg * diag_mean) * np.eye(k)
-    else:
-        diag_mean = max(float(np.diagonal(h).mean()), 1e-300)
+        h = h + (reg * diag_scale) * _identity(k)
     ones = np.ones(k)
     a = ones if a is None else a
     bordered = np.zeros((k + 1, k + 1))
@@ -68,7 +80,7 @@ def simplex_qp_np(
     if init_free is not None and init_free.any():
         free_ext[:k] = init_free
     free = free_ext[:k]  # a view: updating free_ext updates it
-    eye = np.eye(k + 1)
+    eye = _identity(k + 1)
 
     def solve(rhs: np.ndarray) -> np.ndarray:
         if free_ext.all():  # bordered * 1 and rhs * 1 are the tensor path's entries exactly
@@ -79,11 +91,11 @@ def simplex_qp_np(
     w = np.where(free, 1.0 / a, 0.0)
     w = w / (a * w).sum()
     converged = False
-    threshold = -1e-12 * diag_mean
+    threshold = -1e-12 * diag_scale
     for _ in range(iters if iters > 0 else 3 * k + 10):
         solution = solve(rhs_full)
         y, mu = solution[:k], solution[k]
-        if (y >= 0).all():
+        if y.min() >= 0:
             hy = h @ y
             if b is not None:
                 hy += b
@@ -104,9 +116,9 @@ def simplex_qp_np(
             free_ext[:k] = free & ~(shrinking & (ratios <= theta * (1 + 1e-12)))
     if reg > 0:  # the tensor path's refinement on the final support
         ridge = np.zeros(k + 1)
-        ridge[:k] = (reg * diag_mean) * w
+        ridge[:k] = (reg * diag_scale) * w
         refined = solve(rhs_full + ridge)[:k]
-        if converged and (refined >= 0).all():
+        if converged and refined.min() >= 0:
             w = refined
     w = np.where(free, np.maximum(w, 0.0), 0.0)
     total = float((a * w).sum())
@@ -129,7 +141,7 @@ def dual_cone_np(
     converged)``, every preference vector solved in one batched call."""
     k = m.shape[-1]
     trace = float(np.trace(m))
-    eye = np.eye(k)
+    eye = _identity(k)
     m = (np.zeros_like(m) if trace < norm_eps else m / trace) + reg_eps * eye
     at_bound = np.ones(u.shape, dtype=bool)
     v = u

@@ -53,6 +53,8 @@ __all__ = [
     "warn_if_capped",
     "finite_or_nan",
     "nan_unless",
+    "on_host",
+    "host_array",
     "gramian",
 ]
 
@@ -102,6 +104,16 @@ def _on_host(*tensors: Tensor | None) -> bool:
     )
 
 
+def on_host(t: Tensor) -> bool:
+    """Whether a method may take its solver's NumPy path for ``t`` (a CPU tensor without autograd history)."""
+    return _on_host(t)
+
+
+def host_array(t: Tensor) -> np.ndarray:
+    """A float64 NumPy view of a CPU tensor (see :func:`on_host`; a copy only when it is not float64)."""
+    return _array(t)
+
+
 def _array(t: Tensor) -> np.ndarray:
     """A float64 NumPy view of a CPU tensor (a copy only when it is not float64 already)."""
     return t.detach().to(torch.float64).numpy()
@@ -117,18 +129,21 @@ def _finished(converged: Tensor) -> bool:
 
 
 def warn_if_capped(
-    owner: object, converged: Tensor, what: str, knob: str, *, finite: Tensor | None = None
+    owner: object, converged: Tensor | bool, what: str, knob: str, *, finite: Tensor | bool | None = None
 ) -> None:
     """Warn once per ``owner`` (a balancer) when a CPU solve stopped at its iteration cap. ``finite``: the
     flag of :func:`finite_or_nan`; a solve of the identity stand-in for a non-finite Gramian never warns.
+    (Python bools are the flags of a solve run on the host.)
 
     Accelerator results are not read (that would synchronise); their flag stays in the step record.
     """
-    if converged.device.type != "cpu" or getattr(owner, "_warned_solver_cap", False):
+    if getattr(owner, "_warned_solver_cap", False):
+        return
+    if isinstance(converged, Tensor) and converged.device.type != "cpu":
         return
     if finite is not None and not bool(finite):
         return
-    if not bool(converged.all()):
+    if not bool(converged.all() if isinstance(converged, Tensor) else converged):
         object.__setattr__(owner, "_warned_solver_cap", True)
         warnings.warn(
             f"{what} stopped at its iteration cap before reaching its tolerance; the step uses the last "
@@ -180,7 +195,7 @@ def simplex_qp(
         linear: ``(..., k)`` ``b``, or ``None`` for 0.
         constraint: ``(..., k)`` positive ``a`` (default ones: the simplex).
         iters: iteration cap; ``0`` means ``3k + 10`` (each iteration is one ``(k+1)``-square solve).
-        reg: ridge ``reg · mean(diag H)`` added to ``H`` so that the restricted KKT systems are regular when
+        reg: ridge ``reg · max(diag H)`` added to ``H`` so that the restricted KKT systems are regular when
             rows are duplicated or zero (the minimiser is then the least-norm-coefficient one, up to ``reg``).
         init_free: ``(..., k)`` bool guess of the support (a warm start); default all coordinates.
 
@@ -211,8 +226,8 @@ def simplex_qp(
     batch = h.shape[:-2]
     b = torch.zeros((*batch, k), dtype=h.dtype, device=h.device) if linear is None else linear.to(h.dtype)
     a = torch.ones_like(b) if constraint is None else constraint.to(h.dtype).expand_as(b)
-    diag_mean = h.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-300)
-    h = h + (reg * diag_mean)[..., None, None] * _eye(k, h)
+    diag_scale = h.diagonal(dim1=-2, dim2=-1).amax(-1).clamp_min(1e-300)  # exact: the host path's too
+    h = h + (reg * diag_scale)[..., None, None] * _eye(k, h)
     steps = iters if iters > 0 else 3 * k + 10
     eye = _eye(k + 1, h)
     bordered = torch.cat(
@@ -232,7 +247,7 @@ def simplex_qp(
     w = torch.where(free, 1.0 / a, torch.zeros_like(a))
     w = w / (a * w).sum(-1, keepdim=True)
     converged = torch.zeros(batch, dtype=torch.bool, device=h.device)
-    threshold = -1e-12 * diag_mean
+    threshold = -1e-12 * diag_scale
     single = not batch and _host_decides(h)  # one CPU problem: branch on the host, compute one branch only
     for _ in range(steps):
         free_ext = torch.cat([free, always], -1)
@@ -280,7 +295,7 @@ def simplex_qp(
     if reg > 0:  # one refinement step on the final support: the ridge's bias O(reg·κ) becomes O((reg·κ)²)
         free_ext = torch.cat([free, always], -1)
         system = torch.where(free_ext[..., :, None], bordered * free_ext[..., None, :], eye)
-        ridge = torch.cat([(reg * diag_mean)[..., None] * w, torch.zeros_like(w[..., :1])], -1)
+        ridge = torch.cat([(reg * diag_scale)[..., None] * w, torch.zeros_like(w[..., :1])], -1)
         refined = torch.linalg.solve(system, (rhs_full + ridge) * free_ext)[..., :k]
         w = torch.where(converged[..., None] & (refined >= 0).all(-1, keepdim=True), refined, w)
     w = torch.where(free, w.clamp_min(0), torch.zeros_like(w))

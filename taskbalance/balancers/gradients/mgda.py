@@ -5,13 +5,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from ..base import Aggregation, GradientBalancer, GradientLevel, GradientStep
 from ..inputs import NonFinitePolicy
 from ..registry import register
-from ._solvers import finite_or_nan, min_norm_solve, nan_unless, warn_if_capped
+from ._host_solvers import min_norm_np
+from ._solvers import finite_or_nan, host_array, min_norm_solve, nan_unless, on_host, warn_if_capped
 
 __all__ = ["MGDA", "MGDAUB"]
 
@@ -106,6 +108,8 @@ class MGDA(GradientBalancer):
         return torch.where(scale > 0, scale, torch.ones_like(scale))
 
     def aggregate(self, step: GradientStep) -> Aggregation:
+        if self.mgda_gn == "none" and on_host(step.gramian):
+            return self._aggregate_on_host(step)
         gram, finite = finite_or_nan(step.gramian)
         normalizer = self._normalizers(gram, step.losses)
         scaled = gram if normalizer is None else gram / (normalizer[:, None] * normalizer[None, :])
@@ -117,6 +121,21 @@ class MGDA(GradientBalancer):
         return Aggregation(
             nan_unless(finite, weights).to(step.dtype),
             extras={"min_norm_coefficients": coefficients, "solver_converged": converged},
+        )
+
+
+    def _aggregate_on_host(self, step: GradientStep) -> Aggregation:
+        """:meth:`aggregate` with ``mgda_gn="none"`` on CPU, in NumPy from the Gramian to the weights (the
+        same operations as the tensor path: a non-finite Gramian is solved as the identity, NaN weights)."""
+        gram = host_array(step.gramian)
+        finite = bool(np.isfinite(gram).all())
+        coefficients_np, converged = min_norm_np(gram if finite else np.eye(gram.shape[0]), self.iters)
+        warn_if_capped(self, converged, "MGDA's min-norm solver", "iters", finite=finite)
+        coefficients = torch.from_numpy(coefficients_np)
+        weights = coefficients if finite else torch.full_like(coefficients, float("nan"))
+        return Aggregation(
+            weights.to(step.dtype),
+            extras={"min_norm_coefficients": coefficients, "solver_converged": torch.tensor(converged)},
         )
 
 
