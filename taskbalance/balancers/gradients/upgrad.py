@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from ..base import Aggregation, GradientBalancer, GradientLevel, GradientStep
 from ..inputs import NonFinitePolicy
 from ..registry import register
-from ._solvers import dual_cone_weights, finite_or_nan, nan_unless, warn_if_capped
+from ._host_solvers import dual_cone_np
+from ._solvers import dual_cone_weights, finite_or_nan, host_array, nan_unless, on_host, warn_if_capped
 
 __all__ = ["UPGrad"]
 
@@ -72,6 +74,8 @@ class UPGrad(GradientBalancer):
         self.iters = iters
 
     def aggregate(self, step: GradientStep) -> Aggregation:
+        if on_host(step.gramian):
+            return self._aggregate_on_host(step)
         gram, finite = finite_or_nan(step.gramian)
         k = gram.shape[0]
         preferences = self._preferences(k, gram)
@@ -82,6 +86,23 @@ class UPGrad(GradientBalancer):
         warn_if_capped(self, converged, f"{self.info.name}'s dual-cone solver", "iters", finite=finite)
         weights = projected.sum(0) if projected.dim() == 2 else projected
         return Aggregation(nan_unless(finite, weights).to(step.dtype), extras={"solver_converged": converged})
+
+    def _aggregate_on_host(self, step: GradientStep) -> Aggregation:
+        """:meth:`aggregate` on CPU, in NumPy from the Gramian to the weights (the same operations as the
+        tensor path: a non-finite Gramian is solved as the identity and gives NaN weights)."""
+        gram = host_array(step.gramian)
+        k = gram.shape[0]
+        finite = bool(np.isfinite(gram).all())
+        preferences = host_array(self._preferences(k, step.gramian))
+        projected, converged = dual_cone_np(
+            gram if finite else np.eye(k), preferences, self.iters, self.norm_eps, self.reg_eps
+        )
+        solved = bool(converged.all())
+        warn_if_capped(self, solved, f"{self.info.name}'s dual-cone solver", "iters", finite=finite)
+        weights = torch.from_numpy(projected.sum(0) if projected.ndim == 2 else projected)
+        if not finite:
+            weights = torch.full_like(weights, float("nan"))
+        return Aggregation(weights.to(step.dtype), extras={"solver_converged": torch.tensor(solved)})
 
     def _preferences(self, k: int, gram: Tensor) -> Tensor:
         """The weight vectors projected onto the dual cone: ``e_i / k`` for every task (UPGrad)."""
