@@ -327,15 +327,18 @@ def markdown_table(rows: list[dict], *, clock: str, rounds: int, steps: int) -> 
     ]
     peaks = {(r["config"], r["method"]): r["peak_mb"] for r in rows if r["kind"] == "torchjd"}
     compared = {r["method"] for r in rows if r["kind"] == "torchjd"}
+    shown: set[tuple[str, str]] = set()  # TorchJD's peak is shown once per config and method
     for r in rows:
         if not r["kind"].startswith("ours") or r["method"] not in compared:
             continue
         autojac = f"{r['vs_autojac']:.2f}" if r.get("vs_autojac") else "—"
         autogram = f"{r['vs_autogram']:.2f}" if r.get("vs_autogram") else "—"
-        peak = "—" if r["peak_mb"] != r["peak_mb"] else f"{r['peak_mb']:.1f}"
-        theirs = peaks.get((r["config"], r["method"]))
-        if theirs is not None and theirs == theirs and peak != "—":
+        peak = "—" if r["peak_mb"] != r["peak_mb"] or r["peak_mb"] < 0.05 else f"{r['peak_mb']:.1f}"
+        key = (r["config"], r["method"])
+        theirs = peaks.get(key)
+        if theirs is not None and theirs == theirs and peak != "—" and key not in shown:
             peak += f" (TorchJD {theirs:.1f})"
+            shown.add(key)
         lines.append(
             f"| ({r['config']}) | {r['variant']} | {r['ms_per_step']:.2f} | {r['ratio']:.2f}× | {autojac} | "
             f"{autogram} | {peak} |"
