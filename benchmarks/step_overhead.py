@@ -110,7 +110,8 @@ class Variant:
 
 
 def build_variants(
-    config: str, tasks: list[str], methods: list[str], with_torchjd: bool, engines: list[str]
+    config: str, tasks: list[str], methods: list[str], with_torchjd: bool, engines: list[str],
+    floor: bool = False,
 ) -> list[Variant]:
     arch, _, hidden, batch = CONFIGS[config]
     torch.manual_seed(0)
@@ -137,6 +138,8 @@ def build_variants(
         opt.step()
 
     variants.append(Variant("plain sum", plain, "plain", "-"))
+    if floor:
+        variants.append(_floor(tasks, fresh, losses_of))
     infos = {m.name: m for m in tb.available()}
     for name in methods:
         info = infos[name]
@@ -188,6 +191,28 @@ def _ours(name, family, level, tasks, fresh, losses_of, hyper=None, suffix="") -
     if suffix:
         return Variant(f"{name} ({suffix})", step, "ours-variant", name)
     return Variant(label, step, "ours", name)
+
+
+def _floor(tasks, fresh, losses_of) -> Variant:
+    """The least work of any exact per-task-gradient method: ``k`` ordinary backward passes (one per task,
+    every parameter), their sum as the update, no Gramian and no solve."""
+    model, opt = fresh()
+    params = list(model.parameters())
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        _, losses = losses_of(model)
+        values = list(losses.values())
+        rows = [
+            torch.autograd.grad(loss, params, retain_graph=i < len(values) - 1, allow_unused=True)
+            for i, loss in enumerate(values)
+        ]
+        for p, *grads in zip(params, *rows, strict=True):
+            present = [g for g in grads if g is not None]
+            p.grad = torch.stack(present).sum(0) if present else None
+        opt.step()
+
+    return Variant("exact floor (k backward passes)", step, "floor", "-")
 
 
 def _torchjd(name, tasks, fresh, losses_of) -> Variant:
@@ -248,10 +273,11 @@ def run(
     memory: bool,
     clock: str = "cpu",
     engines: tuple[str, ...] = ("jacobian",),
+    floor: bool = False,
 ) -> list[dict]:
     _, k, hidden, _ = CONFIGS[config]
     tasks = [f"t{i}" for i in range(k)]
-    variants = build_variants(config, tasks, methods, with_torchjd, list(engines))
+    variants = build_variants(config, tasks, methods, with_torchjd, list(engines), floor)
     now = time.process_time if clock == "cpu" else time.perf_counter
     times: dict[str, list[float]] = {v.label: [] for v in variants}
     ratios: dict[str, list[float]] = {v.label: [] for v in variants}
@@ -278,6 +304,11 @@ def run(
                     vs_autojac[v.label].append(ms / autojac)
                 if autogram:
                     vs_autogram[v.label].append(ms / autogram)
+            elif v.kind == "floor":  # against the first method TorchJD was timed for (its autojac step)
+                timed = [f"torchjd {m}" for m in methods if f"torchjd {m}" in round_ms]
+                reference = round_ms[timed[0]] if timed else None
+                if reference:
+                    vs_autojac[v.label].append(ms / reference)
     rows = []
     for v in variants:
         rows.append(
@@ -370,6 +401,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--no-torchjd", action="store_true")
+    parser.add_argument(
+        "--floor", action="store_true",
+        help="also time the exact floor: k ordinary backward passes per step (no Gramian, no solve)",
+    )
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
     parser.add_argument("--json", default="", help="also write the rows to this JSON file")
@@ -400,7 +435,7 @@ def main() -> None:
         engines = tuple(e.strip() for e in args.engines.split(",") if e.strip())
         rows += run(
             config.strip(), methods, args.rounds, args.steps, with_torchjd, not args.no_memory, args.clock,
-            engines,
+            engines, args.floor,
         )
         print_table([r for r in rows if r["config"] == config.strip()])
     if args.json:

@@ -30,6 +30,13 @@ def test_a_run_of_the_compute_free_config_times_ours_against_torchjd(script):
     assert math.isnan(ours["peak_mb"])  # memory=False
 
 
+def test_the_exact_floor_variant_runs_and_is_timed_against_torchjds_step(script):
+    """``--floor``: k ordinary backward passes per step, against TorchJD's step of the same round."""
+    rows = script.run("z", ["mgda"], rounds=1, steps=1, with_torchjd=True, memory=False, floor=True)
+    floor_row = next(r for r in rows if r["kind"] == "floor")
+    assert floor_row["vs_autojac"] > 0  # against TorchJD's MGDA step of the same round
+
+
 def _row(config, variant, kind, method, ms, ratio, autojac=None, autogram=None, peak=float("nan")):
     return {"config": config, "variant": variant, "kind": kind, "method": method, "ms_per_step": ms,
             "ratio": ratio, "vs_autojac": autojac, "vs_autogram": autogram, "peak_mb": peak}
