@@ -96,6 +96,9 @@ def simplex_qp_np(
         solution = solve(rhs_full)
         y, mu = solution[:k], solution[k]
         if y.min() >= 0:
+            if free_ext.all():  # every multiplier off the free set is vacuous: the KKT conditions hold
+                w, converged = y, True
+                break
             hy = h @ y
             if b is not None:
                 hy += b
