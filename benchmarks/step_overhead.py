@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -274,6 +275,7 @@ def run(
     clock: str = "cpu",
     engines: tuple[str, ...] = ("jacobian",),
     floor: bool = False,
+    min_round_ms: float = 0.0,
 ) -> list[dict]:
     _, k, hidden, _ = CONFIGS[config]
     tasks = [f"t{i}" for i in range(k)]
@@ -286,6 +288,12 @@ def run(
     for v in variants:  # warm-up (also first-call allocations, solver caches, the engine's batching choice)
         for _ in range(3):
             v.step()
+    if min_round_ms > 0:  # enough steps for a round of plain steps to last min_round_ms (short = noisy)
+        start = now()
+        for _ in range(5):
+            variants[0].step()
+        plain_ms = max((now() - start) * 1e3 / 5, 1e-3)
+        steps = max(steps, math.ceil(min_round_ms / plain_ms))
     for _ in range(rounds):
         round_ms: dict[str, float] = {}
         for v in variants:
@@ -324,6 +332,7 @@ def run(
                 "vs_autojac": statistics.median(vs_autojac[v.label]) if vs_autojac[v.label] else None,
                 "vs_autogram": statistics.median(vs_autogram[v.label]) if vs_autogram[v.label] else None,
                 "peak_mb": peak_memory_mb(v.step) if memory else float("nan"),
+                "steps": steps,
             }
         )
     return rows
@@ -349,9 +358,11 @@ README_END = "<!-- /speed-table -->"
 
 def markdown_table(rows: list[dict], *, clock: str, rounds: int, steps: int) -> str:
     """The README's speed table: every row of ours against TorchJD (medians over rounds), per config."""
+    per_config = {r["config"]: r.get("steps", steps) for r in rows}
+    counts = ", ".join(f"({c}) {n}" for c, n in per_config.items())
     lines = [
-        f"Measured with `--rounds {rounds} --steps {steps}` on the {clock}-time clock, one thread; "
-        "medians over rounds, ratios per round.",
+        f"Measured with `--rounds {rounds}` on the {clock}-time clock, one thread; steps per round: "
+        f"{counts}; medians over rounds, ratios per round.",
         "",
         "| cfg | step | ms | × plain | ours / autojac | ours / autogram | peak MB |",
         "|---|---|---|---|---|---|---|",
@@ -399,7 +410,11 @@ def main() -> None:
         "--methods", default="all", help="comma-separated registry names, 'loss', 'gradient' or 'all'"
     )
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=10, help="least steps per variant and round")
+    parser.add_argument(
+        "--min-round-ms", type=float, default=200.0,
+        help="more steps per round where a round of plain steps would be shorter than this (0: --steps only)",
+    )
     parser.add_argument("--no-torchjd", action="store_true")
     parser.add_argument(
         "--floor", action="store_true",
@@ -435,7 +450,7 @@ def main() -> None:
         engines = tuple(e.strip() for e in args.engines.split(",") if e.strip())
         rows += run(
             config.strip(), methods, args.rounds, args.steps, with_torchjd, not args.no_memory, args.clock,
-            engines, args.floor,
+            engines, args.floor, args.min_round_ms,
         )
         print_table([r for r in rows if r["config"] == config.strip()])
     if args.json:

@@ -28,6 +28,14 @@ def test_a_run_of_the_compute_free_config_times_ours_against_torchjd(script):
     assert ours["ms_per_step"] > 0 and ours["ratio"] > 0 and ours["vs_autojac"] > 0
     assert by_variant["plain sum"]["ratio"] == 1.0
     assert math.isnan(ours["peak_mb"])  # memory=False
+    assert ours["steps"] == 1
+
+
+def test_short_rounds_get_more_steps(script):
+    """A round of plain steps shorter than ``min_round_ms`` gets more steps (the compute-free config's 10
+    steps last ~6 ms: too short to time on a shared machine)."""
+    rows = script.run("z", [], rounds=1, steps=1, with_torchjd=False, memory=False, min_round_ms=20.0)
+    assert rows[0]["steps"] > 1
 
 
 def test_the_exact_floor_variant_runs_and_is_timed_against_torchjds_step(script):
@@ -52,7 +60,7 @@ def test_the_readme_table_lists_our_rows_of_methods_torchjd_has_with_their_ratio
     table = script.markdown_table(rows, clock="cpu", rounds=5, steps=20)
     assert "| (a) | mgda | 6.00 | 3.00× | 0.84 | 0.60 | 2.2 (TorchJD 3.5) |" in table
     assert "| (a) | ew |" not in table and "torchjd mgda" not in table  # only ours, only compared methods
-    assert "--rounds 5 --steps 20" in table
+    assert "`--rounds 5`" in table and "steps per round: (a) 20" in table
 
 
 def test_readme_rewrites_only_the_block_between_its_markers(script, tmp_path):
