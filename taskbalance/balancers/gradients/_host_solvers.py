@@ -8,7 +8,7 @@ Bit-for-bit agreement with the tensor path matters where a problem is degenerate
 active-set systems have a condition number of about ``1 / reg = 1e12``, so a one-ulp difference in a
 system's entries moves the coefficients by about 1e-4. Every entry of a system is therefore formed here by the
 same correctly rounded elementwise operations as on the tensor path (the ridge's scale is the largest diagonal
-entry: a maximum is exact in any order), and the systems are solved by the same ``torch.linalg.solve_ex``
+entry: a maximum is exact in any order), and the systems are solved by the same ``torch.linalg.solve``
 (LAPACK ``gesv``).
 Only the branch decisions (signs of multipliers, against tolerances of 1e-12) read NumPy products.
 """
@@ -46,9 +46,9 @@ def _identity(k: int) -> np.ndarray:
 
 
 def _solve(system: np.ndarray, rhs: np.ndarray) -> np.ndarray:
-    """``system⁻¹ rhs`` by torch's LAPACK call (the tensor path's), on views of the arrays."""
-    solution = torch.linalg.solve_ex(torch.from_numpy(system), torch.from_numpy(rhs)[:, None])[0]
-    return solution.numpy()[:, 0]
+    """``system⁻¹ rhs`` by the tensor path's own call, on views of the arrays: the same LAPACK solve, and the
+    same error on a singular system (never a silent non-finite solution)."""
+    return torch.linalg.solve(torch.from_numpy(system), torch.from_numpy(rhs)).numpy()
 
 
 def simplex_qp_np(

@@ -96,7 +96,7 @@ def _host_decides(t: Tensor) -> bool:
     return _HOST_DECIDES_ON_CPU and t.device.type == "cpu"
 
 
-def _on_host(*tensors: Tensor | None) -> bool:
+def on_host(*tensors: Tensor | None) -> bool:
     """Whether a solve may run in NumPy: CPU tensors that carry no autograd history (``.numpy()`` of such a
     tensor is a view, no copy and no device synchronisation)."""
     return all(
@@ -104,18 +104,8 @@ def _on_host(*tensors: Tensor | None) -> bool:
     )
 
 
-def on_host(t: Tensor) -> bool:
-    """Whether a method may take its solver's NumPy path for ``t`` (a CPU tensor without autograd history)."""
-    return _on_host(t)
-
-
 def host_array(t: Tensor) -> np.ndarray:
     """A float64 NumPy view of a CPU tensor (see :func:`on_host`; a copy only when it is not float64)."""
-    return _array(t)
-
-
-def _array(t: Tensor) -> np.ndarray:
-    """A float64 NumPy view of a CPU tensor (a copy only when it is not float64 already)."""
     return t.detach().to(torch.float64).numpy()
 
 
@@ -158,8 +148,8 @@ def finite_or_nan(gramian: Tensor) -> tuple[Tensor, Tensor]:
     routines never see them) and a 0-d bool, false when any entry was non-finite. Callers return
     ``torch.where(finite, result, nan)`` (or :func:`nan_unless`): NaN propagates as documented, without a host
     read on accelerators. On CPU the check is one NumPy call and a finite Gramian is returned as it is."""
-    if _on_host(gramian):
-        if bool(np.isfinite(_array(gramian)).all()):
+    if on_host(gramian):
+        if bool(np.isfinite(host_array(gramian)).all()):
             return gramian, torch.tensor(True)
         return torch.eye(gramian.shape[-1], dtype=gramian.dtype), torch.tensor(False)
     finite = torch.isfinite(gramian).all()
@@ -211,12 +201,12 @@ def simplex_qp(
     §16.5);
     from a correct warm start it stops after one iteration.
     """
-    if hessian.dim() == 2 and _on_host(hessian, linear, constraint, init_free):
+    if hessian.dim() == 2 and on_host(hessian, linear, constraint, init_free):
         k = hessian.shape[-1]
         w_np, ok, free_np = simplex_qp_np(
-            _array(hessian),
-            None if linear is None else _array(linear).reshape(k),
-            None if constraint is None else np.broadcast_to(_array(constraint), (k,)),
+            host_array(hessian),
+            None if linear is None else host_array(linear).reshape(k),
+            None if constraint is None else np.broadcast_to(host_array(constraint), (k,)),
             iters, reg,
             None if init_free is None else init_free.detach().numpy().astype(bool).reshape(k),
         )
@@ -312,8 +302,8 @@ def min_norm_solve(gramian: Tensor, iters: int = 0) -> tuple[Tensor, Tensor]:
     variables ``e = S c`` (``S = diag √M_ii``), where the problem reads ``min eᵀCe`` s.t. ``Σ e_i / s_i = 1``
     with ``C`` of unit diagonal: exact on norms spanning many orders of magnitude.
     """
-    if gramian.dim() == 2 and _on_host(gramian):
-        weights_np, converged_np = min_norm_np(_array(gramian), iters)
+    if gramian.dim() == 2 and on_host(gramian):
+        weights_np, converged_np = min_norm_np(host_array(gramian), iters)
         return torch.from_numpy(weights_np), torch.tensor(converged_np)
     c, s, _ = jacobi_scaling(gramian)
     e, converged, _ = simplex_qp(c, constraint=1.0 / s, iters=iters)
@@ -356,8 +346,8 @@ def dual_cone_weights(
     Returns:
         ``(v, converged)`` of shapes ``(..., k)`` and ``(...)``, float64.
     """
-    if gramian.dim() == 2 and _on_host(gramian, preferences):
-        v_np, ok = dual_cone_np(_array(gramian), _array(preferences), iters, norm_eps, reg_eps)
+    if gramian.dim() == 2 and on_host(gramian, preferences):
+        v_np, ok = dual_cone_np(host_array(gramian), host_array(preferences), iters, norm_eps, reg_eps)
         return torch.from_numpy(np.ascontiguousarray(v_np)), torch.from_numpy(np.asarray(ok))
     m = gramian.to(torch.float64)
     k = m.shape[-1]

@@ -123,7 +123,6 @@ class MGDA(GradientBalancer):
             extras={"min_norm_coefficients": coefficients, "solver_converged": converged},
         )
 
-
     def _aggregate_on_host(self, step: GradientStep) -> Aggregation:
         """:meth:`aggregate` with ``mgda_gn="none"`` on CPU, in NumPy from the Gramian to the weights (the
         same operations as the tensor path: a non-finite Gramian is solved as the identity, NaN weights)."""

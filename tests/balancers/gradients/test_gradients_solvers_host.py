@@ -119,3 +119,14 @@ def test_aggregate_on_the_host_equals_the_tensor_path(monkeypatch, method, optio
     host, tensor = both(monkeypatch, lambda: balancer.aggregate(bad))
     assert torch.isnan(host.weights).all() and torch.isnan(tensor.weights).all()
 
+
+
+def test_a_singular_active_set_system_raises_on_both_paths(monkeypatch):
+    """Without a ridge an all-zero Hessian makes the bordered system singular: LAPACK's error, on the host as
+    on the tensor path (the host path once returned uniform weights and a false 'capped' flag instead)."""
+    hessian = torch.zeros(3, 3, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="singular"):
+        _solvers.simplex_qp(hessian, reg=0.0)
+    monkeypatch.setattr(_solvers, "_HOST_DECIDES_ON_CPU", False)
+    with pytest.raises(RuntimeError, match="singular"):
+        _solvers.simplex_qp(hessian, reg=0.0)
