@@ -453,6 +453,7 @@ class GramianStep:
     unreached: list[Tensor]
     heads: list[Tensor]
     roots: Tensor | None = None  # kept only by the partial Gramian (its update is one ordinary backward)
+    backward_heads: list[Tensor] = field(default_factory=list)  # partial Gramian: heads its backward reaches
     packs: list[_Pack] = field(default_factory=list)  # small per-task gradients, side by side
     large: list[tuple[Tensor, Tensor]] = field(default_factory=list)  # (shared parameter, its rows), unpacked
     head_large: list[tuple[Tensor, Tensor]] = field(default_factory=list)
@@ -578,6 +579,7 @@ class GramianEngine:
             unreached=[] if partial else plan.unreached,
             heads=heads,
             roots=roots if partial else None,
+            backward_heads=plan.heads if partial else [],
             packs=packs,
             large=shared_large,
             head_large=head_large,
@@ -628,7 +630,7 @@ class GramianEngine:
         roots = step.roots
         assert roots is not None
         shared_list = list(shared)
-        plan_heads = _read_graph(roots, shared_list).heads
+        plan_heads = step.backward_heads  # found by the Gramian's own walk: no second walk of the graph
         same = shared_weights is head_weights or bool(torch.equal(shared_weights, head_weights))
         if same:
             torch.autograd.backward(roots, grad_tensors=shared_weights.to(roots.dtype).detach(),

@@ -310,6 +310,21 @@ def test_partial_gramian_weights_come_from_the_last_layers_and_update_every_laye
         assert head.weight.grad is not None and float(w) > 0
 
 
+def test_partial_gramian_walks_the_graph_once_per_step(monkeypatch):
+    """The heads its update's backward reaches come from the Gramian's own walk, not a second one."""
+    import taskbalance.gramian as gramian_module
+
+    walks = []
+    real = gramian_module._read_graph
+    monkeypatch.setattr(gramian_module, "_read_graph", lambda *a, **k: walks.append(1) or real(*a, **k))
+    model = make_model("mlp", torch.float64)
+    x, y = make_batch("mlp", torch.float64, seed=4)
+    balancer = taskbalance.make("upgrad", TASKS).set_engine("gramian", last_layers=1)
+    balancer.backward(losses_of(model, x, y), shared=shared_of(model))
+    assert len(walks) == 1
+    assert all(head.weight.grad is not None for head in model.heads)
+
+
 def test_partial_gramian_over_every_layer_is_the_exact_step():
     model = make_model("mlp", torch.float64)
     twin = copy.deepcopy(model)
