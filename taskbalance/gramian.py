@@ -754,8 +754,7 @@ def _direct_rows(layer: _Layer, k: int) -> list[Tensor]:
         return out
     weight = group.weight
     assert weight is not None
-    indices = torch.cat([i.reshape(-1) for i in layer.inputs])
-    delta = _mask_padding(layer, indices, torch.cat([d.reshape(k, -1, d.shape[-1]) for d in layer.deltas], 1))
+    indices, delta = _embedding_rows(layer, k)
     return [delta.new_zeros((k, *weight.shape)).index_add_(1, indices, delta)]
 
 
@@ -846,9 +845,7 @@ def _layer_gramian(layer: _Layer, k: int, form: str = "auto") -> Tensor | None:
         _direct_form(layer, k)
         return None
     # embedding
-    indices = torch.cat([i.reshape(-1) for i in layer.inputs])
-    delta = torch.cat([d.reshape(k, -1, d.shape[-1]) for d in layer.deltas], dim=1)
-    delta = _mask_padding(layer, indices, delta)
+    indices, delta = _embedding_rows(layer, k)
     weight = group.weight
     assert weight is not None
     b_side, direct = embedding_costs(indices.shape[0], weight.shape[0], weight.shape[1], k)
@@ -886,11 +883,22 @@ def _transposed(group: _Group) -> bool:
     return group.uses[0].transposed
 
 
-def _mask_padding(layer: _Layer, indices: Tensor, delta: Tensor) -> Tensor:
-    padding = getattr(layer.group.uses[0].node, "_saved_padding_idx", -1)
-    if padding is None or padding < 0:
-        return delta
-    return delta * (indices != padding).to(delta.dtype)[None, :, None]
+def _embedding_rows(layer: _Layer, k: int) -> tuple[Tensor, Tensor]:
+    """Embedding: the indices ``(R,)`` and per-task output gradients ``(k, R, D)`` of every use, stacked as
+    rows, each use's rows at its own padding index zeroed (a weight looked up once with a padding index and
+    once without keeps the other use's gradient at that index)."""
+    indices, deltas = [], []
+    for use, index, delta in zip(layer.group.uses, layer.inputs, layer.deltas, strict=True):
+        index = index.reshape(-1)
+        delta = delta.reshape(k, -1, delta.shape[-1])
+        padding = getattr(use.node, "_saved_padding_idx", -1)
+        if padding is not None and padding >= 0:
+            delta = delta * (index != padding).to(delta.dtype)[None, :, None]
+        indices.append(index)
+        deltas.append(delta)
+    if len(indices) == 1:
+        return indices[0], deltas[0]
+    return torch.cat(indices), torch.cat(deltas, dim=1)
 
 
 def _conv_args(node: Node) -> tuple:
@@ -958,7 +966,6 @@ def _layer_update(layer: _Layer, weights: Tensor) -> list[tuple[Tensor, Tensor]]
     # embedding, B-side
     weight = group.weight
     assert weight is not None
-    indices = torch.cat([i.reshape(-1) for i in layer.inputs])
-    delta = torch.cat([d.reshape(k, -1, d.shape[-1]) for d in layer.deltas], dim=1)
-    combined = _combine(weights, _mask_padding(layer, indices, delta))
+    indices, delta = _embedding_rows(layer, k)
+    combined = _combine(weights, delta)
     return [(weight, combined.new_zeros(weight.shape).index_add_(0, indices, combined))]
