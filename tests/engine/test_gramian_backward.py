@@ -135,8 +135,12 @@ def test_the_cost_model_chooses_per_layer_in_one_step(vocabulary, embedding_form
         z = model(x)
         return torch.stack([(h(z).squeeze(-1) - i).pow(2).mean() for i, h in enumerate(heads)])
 
-    step = GramianEngine().gramian(roots(), shared)
+    with ComputedShapes() as computed:
+        step = GramianEngine().gramian(roots(), shared)
     forms = {layer.group.weight.shape: layer.form for layer in step.layers}  # type: ignore[union-attr]
+    b_side_sizes = {n * p.numel() for n in (1, K) for layer in step.layers if layer.form == "b_side"
+                    for p in (layer.group.weight, layer.group.bias) if p is not None and p.dim() == 2}
+    assert not [s for s in computed.shapes if torch.Size(s).numel() in b_side_sizes]  # no weight gradient
 
     def cheaper(costs: tuple[int, int]) -> str:
         return "b_side" if costs[0] <= costs[1] else "direct"
