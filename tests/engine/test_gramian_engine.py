@@ -171,6 +171,21 @@ def test_cost_model_picks_b_side_for_a_wide_layer_and_small_batch():
     assert [layer.form for layer in step.layers] == ["direct"]
 
 
+def test_the_gramian_of_a_float32_model_is_accumulated_in_float64():
+    """4M-entry per-task gradients of one parameter, all positive (no cancellation to hide rounding): a
+    float32 product ``J Jᵀ`` is off by about 2e-5 (the control), the engine's float64 accumulation by 1e-9."""
+    g = torch.Generator().manual_seed(0)
+    n = 4_000_000
+    coefficients = torch.rand(len(TASKS), n, generator=g) + 1.0  # ∇ L_k = coefficients[k]
+    parameter = nn.Parameter(torch.ones(n))
+    roots = (coefficients * parameter).sum(1)
+    step = GramianEngine().gramian(roots, [parameter])
+    exact = coefficients.double() @ coefficients.double().T
+    assert step.gramian.dtype == torch.float64
+    assert relative(step.gramian, exact) < 1e-7
+    assert relative((coefficients @ coefficients.T).double(), exact) > 1e-7  # float32 accumulation fails it
+
+
 @pytest.mark.parametrize("form", ["b_side", "direct"])
 def test_float32_products_summed_in_float64_on_a_wide_layer(form):
     """Layers wider than one float32 chunk (1024 terms, with a remainder) and a long batch: the float32
