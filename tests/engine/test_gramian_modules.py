@@ -1,6 +1,7 @@
 """Every parametrised module goes through the Gramian engine exactly: recognised layers (Linear, Conv1d/2d/3d,
-Embedding), the per-module fallback (GRU, MultiheadAttention, a transposed convolution, a bare parameter in an
-element-wise op, norms), layers called several times in one forward (weight tying, a reused layer: cross
+Embedding), the per-module fallback (GRU, LSTM, MultiheadAttention, a transformer layer, a transposed
+convolution, weight norm, Bilinear, PReLU, GroupNorm, a bare parameter in an element-wise op), activation
+checkpointing, layers called several times in one forward (weight tying, a reused layer: cross
 terms), and in-place operations after a layer. Each model's Gramian and update equal ``J Jᵀ`` and ``wᵀ J`` of
 the Jacobian, in float64 (1e-10) and float32 (1e-5), in both batching modes and every form."""
 
@@ -12,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from taskbalance.gramian import GramianEngine
 from taskbalance.jacobian import parameter_jacobian
@@ -161,6 +163,62 @@ class InPlaceAfterLayers(nn.Module):
         return torch.relu_(c).mean(1)
 
 
+class ConvWeightInARegulariser(nn.Module):
+    """A convolution's weight also used outside it: the weight falls back, the bias stays with the layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(2, WIDTH, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.tanh(self.conv(x)).mean(-1) + 0.1 * self.conv.weight.pow(2).sum()
+
+
+class Reparametrised(nn.Module):
+    """A weight-normalised linear layer (``parametrizations.weight_norm``: its weight is computed, not a
+    leaf), Bilinear, PReLU and GroupNorm, and a linear layer on a non-contiguous 3-d input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.normalised = nn.utils.parametrizations.weight_norm(nn.Linear(4, 4))
+        self.bilinear = nn.Bilinear(4, 4, WIDTH)
+        self.prelu = nn.PReLU(WIDTH)
+        self.norm = nn.GroupNorm(2, WIDTH)
+        self.fc = nn.Linear(WIDTH, WIDTH)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.normalised(x))
+        h = self.norm(self.prelu(self.bilinear(h, h)))
+        h = self.fc(h.unsqueeze(1).expand(-1, 3, -1).transpose(0, 1)).transpose(0, 1)  # (N, 3, WIDTH)
+        return torch.tanh(h).mean(1)
+
+
+class TransformerAndLSTM(nn.Module):
+    """nn.TransformerEncoderLayer then nn.LSTM, mean-pooled."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.TransformerEncoderLayer(WIDTH, 2, dim_feedforward=8, dropout=0.0, batch_first=True)
+        self.lstm = nn.LSTM(WIDTH, WIDTH, batch_first=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out, _ = self.lstm(self.encoder(x))
+        return out.mean(1)
+
+
+class Checkpointed(nn.Module):
+    """Activation checkpointing (non-reentrant) around two linear layers, a convolution after it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.Sequential(nn.Linear(4, WIDTH), nn.Tanh(), nn.Linear(WIDTH, WIDTH), nn.Tanh())
+        self.conv = nn.Conv1d(1, 1, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = checkpoint(self.block, x, use_reentrant=False)
+        return torch.tanh(self.conv(h.unsqueeze(1)).squeeze(1))
+
+
 def tokens(dtype: torch.dtype) -> Tensor:
     return torch.tensor([[0, 1, 2, 0], [3, 0, 4, 5], [0, 0, 6, 7], [8, 9, 0, 2]])
 
@@ -176,6 +234,10 @@ MODULES: dict[str, tuple[type[nn.Module], Callable[[torch.dtype], Tensor]]] = {
     "embedding_twice_padded_once": (EmbeddingTwicePaddedOnlyOnce, tokens),
     "weight_in_a_regulariser": (WeightInARegulariser, lambda dtype: torch.randn(7, 4, dtype=dtype)),
     "in_place_after_layers": (InPlaceAfterLayers, lambda dtype: torch.randn(7, 4, dtype=dtype)),
+    "conv_weight_in_a_regulariser": (ConvWeightInARegulariser, lambda d: torch.randn(5, 2, 7, dtype=d)),
+    "reparametrised": (Reparametrised, lambda dtype: torch.randn(5, 4, dtype=dtype)),
+    "transformer_and_lstm": (TransformerAndLSTM, lambda dtype: torch.randn(4, 3, WIDTH, dtype=dtype)),
+    "checkpointed": (Checkpointed, lambda dtype: torch.randn(5, 4, dtype=dtype)),
 }
 
 
@@ -232,6 +294,10 @@ def test_modules_the_engine_does_not_recognise_fall_back_to_their_own_per_task_g
     layers, fallback = kinds("gru")
     assert ("linear", 1) in layers and fallback  # the recurrence's weights: fallback
     assert kinds("weight_in_a_regulariser") == ([("linear", 1)], {"linear.weight"})  # the bias stays B-side
+    assert kinds("conv_weight_in_a_regulariser") == ([("conv", 1)], {"conv.weight"})
+    layers, fallback = kinds("reparametrised")
+    assert {"normalised.parametrizations.weight.original0", "normalised.parametrizations.weight.original1",
+            "bilinear.weight", "prelu.weight", "norm.weight", "norm.bias"} <= fallback
 
 
 def test_a_layer_called_twice_carries_both_uses_in_one_group():
