@@ -519,6 +519,7 @@ class GramianEngine:
         """
         if roots.dim() != 1:
             raise ValueError(f"expected a 1-d vector of task losses, got shape {tuple(roots.shape)}")
+        shared = list(dict.fromkeys(shared))  # a tied weight listed twice counts once (tensors hash by id)
         partial = self.last_layers is not None
         if partial and reduce_rows is not None:
             raise ValueError(

@@ -310,3 +310,34 @@ def test_a_layer_called_twice_carries_both_uses_in_one_group():
 def test_a_weight_tied_across_layer_kinds_falls_back():
     """An embedding weight that is also a linear weight cannot be one group: it takes the fallback (exact)."""
     assert kinds("tied_embedding") == ([], {"embed.weight"})
+
+
+@pytest.mark.parametrize("batching", ["vmap", "loop"])
+def test_a_parameter_listed_twice_in_shared_counts_once(batching):
+    """A tied weight listed by both modules that share it (``[*encoder.parameters(), *decoder.parameters()]``
+    with a tied embedding): the Gramian and the update are those of the parameter listed once, whether it is a
+    recognised layer's weight or falls back."""
+    trunk, roots = build("tied_embedding", torch.float64)  # embed.weight: the fallback
+    twice = [*trunk.parameters(), trunk.embed.weight]
+    normed = nn.Sequential(nn.Linear(4, WIDTH), nn.LayerNorm(WIDTH), nn.Tanh()).double()  # a layer and a norm
+    heads = [nn.Linear(WIDTH, 1).double() for _ in range(K)]
+    x = torch.randn(6, 4, dtype=torch.float64)
+
+    def normed_roots() -> Tensor:
+        z = normed(x)
+        return torch.stack([(h(z).squeeze(-1) - i).pow(2).mean() for i, h in enumerate(heads)])
+
+    normed_twice = [*normed.parameters(), normed[0].weight, normed[1].weight]
+    cases = [(roots, list(trunk.parameters()), twice),
+             (normed_roots, list(normed.parameters()), normed_twice)]
+    weights = torch.tensor([0.7, -0.2, 1.3], dtype=torch.float64)
+    for roots_of, shared, listed in cases:
+        jacobian = parameter_jacobian(roots_of(), shared)
+        engine = GramianEngine(batching=batching)
+        step = engine.gramian(roots_of(), listed)
+        assert relative(step.gramian, jacobian @ jacobian.T) < 1e-12
+        for p in shared:
+            p.grad = None
+        engine.apply(step, weights, weights, listed)
+        update = torch.cat([p.grad.reshape(-1) for p in shared])
+        assert relative(update, weights @ jacobian) < 1e-12
