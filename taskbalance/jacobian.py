@@ -9,6 +9,11 @@ the Gramian engine uses it too):
   (MGDA-UB style); the combined feature gradient then needs only one ordinary trunk backward
   (:func:`backward_through`).
 
+The balancers' Jacobian path keeps the matrix as its column blocks (:func:`jacobian_blocks`,
+:class:`JacobianBlocks`: one ``(K, n_i)`` view per input, as autograd returns them): its float64 Gramian
+(:func:`exact_gramian`) and the update ``wᵀJ`` are formed block by block, so neither the concatenated
+``K × P`` matrix nor a float64 copy of it is ever made unless a method asks for the matrix itself.
+
 Where an operation has no batching rule and the batched call fails, both fall back to a loop of
 ``autograd.grad`` calls and warn once. :func:`batched_jacobian` takes a
 :class:`taskbalance.batching.BatchingChoice` to use a loop over the tasks instead where that is faster
@@ -19,6 +24,8 @@ tensors' device.
 from __future__ import annotations
 
 import contextvars
+import functools
+import math
 import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -30,16 +37,22 @@ from torch.autograd.graph import GradientEdge
 from .batching import Batching, BatchingChoice, preferred_mode
 
 __all__ = [
+    "JacobianBlocks",
+    "jacobian_blocks",
+    "exact_gramian",
     "batched_jacobian",
     "parameter_jacobian",
     "feature_jacobian",
     "reachable_leaves",
     "accumulate_grad",
+    "add_to_grad",
     "backward_through",
     "batched_vjp",
 ]
 
 _warned_fallback = False
+_F64 = torch.float64
+_GRAM_CHUNK = 1 << 18  # entries of the float64 buffer exact_gramian streams the columns through (2 MiB)
 _eye_cache: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}
 
 
@@ -209,14 +222,143 @@ def batched_jacobian(
     ``batching`` (a :class:`taskbalance.batching.BatchingChoice`): vmap or a loop over the tasks, as it
     decides for these shapes (by default a loop for convolutions on CPU); ``None``: vmap.
     """
+    blocks, unreached = jacobian_blocks(losses, inputs, retain_graph=retain_graph, batching=batching)
+    return blocks.matrix(), unreached
+
+
+def jacobian_blocks(
+    losses: Tensor,
+    inputs: Sequence[Tensor],
+    *,
+    retain_graph: bool = True,
+    batching: BatchingChoice | None = None,
+) -> tuple[JacobianBlocks, list[int]]:
+    """:func:`batched_jacobian` without joining the blocks: the ``K × N`` matrix as one ``(K, n_i)`` block per
+    input (views of autograd's answers, no copy; zeros for an unreached input), and the unreached
+    positions."""
     grads = _batched_grads(losses, inputs, retain_graph, batching)
     k = losses.shape[0]
     unreached = [j for j, g in enumerate(grads) if g is None]
-    rows = [
+    blocks = [
         (g if g is not None else torch.zeros((k, *x.shape), dtype=x.dtype, device=x.device)).reshape(k, -1)
         for g, x in zip(grads, inputs, strict=True)
     ]
-    return torch.cat(rows, dim=1), unreached
+    return JacobianBlocks(blocks, [x.shape for x in inputs]), unreached
+
+
+def exact_gramian(blocks: Sequence[Tensor]) -> Tensor:
+    """``J Jᵀ`` in float64 for the matrix ``J = [B_1 … B_n]`` whose column blocks are ``blocks`` (each
+    ``(k, n_i)``; one block: the matrix itself).
+
+    Exact to float64 rounding whatever the blocks' dtype: every entry is widened to float64 before it is
+    multiplied. The columns are streamed through one float64 buffer of at most ``2¹⁸`` entries (small blocks
+    joined into it, large ones cut to it) and the chunks' products summed, so no float64 copy of the whole
+    ``J`` (twice its float32 size) and no concatenation are made; it is also faster than one product over a
+    very wide matrix, where the BLAS is memory-bound.
+    """
+    first = blocks[0]
+    k = first.shape[0]
+    gram = torch.zeros((k, k), dtype=_F64, device=first.device)
+    total = sum(b.shape[1] for b in blocks)
+    width = max(1, min(_GRAM_CHUNK // max(k, 1), total))
+    buffer = torch.empty(k * width, dtype=_F64, device=first.device)
+    pending: list[Tensor] = []
+    filled = 0
+
+    def flush() -> None:
+        nonlocal filled
+        if filled:
+            chunk = buffer[: k * filled].view(k, filled)
+            if len(pending) == 1:
+                chunk.copy_(pending[0])
+            else:
+                torch.cat(pending, dim=1, out=chunk)
+            gram.addmm_(chunk, chunk.T)
+            pending.clear()
+            filled = 0
+
+    for block in blocks:
+        n = block.shape[1]
+        if n >= width:  # a wide block: its own chunks
+            flush()
+            for start in range(0, n, width):
+                piece = block[:, start:start + width]
+                chunk = buffer[: k * piece.shape[1]].view(k, piece.shape[1])
+                chunk.copy_(piece)
+                gram.addmm_(chunk, chunk.T)
+            continue
+        if filled + n > width:
+            flush()
+        pending.append(block)
+        filled += n
+    flush()
+    return gram
+
+
+class JacobianBlocks:
+    """A ``K × N`` Jacobian kept as its column blocks: ``blocks[i]`` is the ``(K, n_i)`` matrix of the
+    per-task gradients of input ``i`` (shape ``shapes[i]``), in the inputs' order.
+
+    Everything a balancer does with the Jacobian is done block by block, so the ``K × N`` matrix is joined
+    only when :meth:`matrix` is called (a method that edits the gradients element-wise).
+    """
+
+    __slots__ = ("blocks", "shapes")
+
+    def __init__(self, blocks: Sequence[Tensor], shapes: Sequence[torch.Size]) -> None:
+        if not blocks or len(blocks) != len(shapes):
+            raise ValueError("JacobianBlocks needs one (K, n) block per input shape, and at least one")
+        self.blocks: tuple[Tensor, ...] = tuple(blocks)
+        self.shapes: tuple[torch.Size, ...] = tuple(torch.Size(s) for s in shapes)
+
+    @classmethod
+    def of_matrix(cls, matrix: Tensor, shapes: Sequence[torch.Size]) -> JacobianBlocks:
+        """The blocks of a ``K × N`` matrix laid out as :func:`parameter_jacobian` for inputs of ``shapes``
+        (column views, no copy)."""
+        sizes = [math.prod(shape) for shape in shapes]
+        return cls(torch.split(matrix, sizes, dim=1), shapes)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the joined matrix (the blocks' promoted dtype)."""
+        return functools.reduce(torch.promote_types, (block.dtype for block in self.blocks))
+
+    def matrix(self) -> Tensor:
+        """The ``K × N`` matrix: a new tensor (the blocks concatenated)."""
+        return torch.cat(self.blocks, dim=1)
+
+    def gramian(self) -> Tensor:
+        """``J Jᵀ`` in float64 (:func:`exact_gramian`)."""
+        return exact_gramian(self.blocks)
+
+    def combine(self, weights: Tensor) -> list[Tensor]:
+        """``wᵀJ`` cut per input: one tensor of each input's shape (fresh, nothing else holds it)."""
+        return [
+            (weights.to(block.dtype) @ block).view(shape)
+            for block, shape in zip(self.blocks, self.shapes, strict=True)
+        ]
+
+    def select(self, rows: Tensor) -> JacobianBlocks:
+        """The rows at positions ``rows`` (a copy of those rows)."""
+        return JacobianBlocks([block[rows] for block in self.blocks], self.shapes)
+
+    def divided(self, divisor: Tensor) -> JacobianBlocks:
+        """Every entry divided by the 0-d ``divisor`` (e.g. a GradScaler's scale)."""
+        return JacobianBlocks([block / divisor.to(block.dtype) for block in self.blocks], self.shapes)
+
+    def finite_rows(self) -> Tensor:
+        """``(K,)`` bool on the device: which rows are entirely finite."""
+        finite = torch.isfinite(self.blocks[0]).all(dim=1)
+        for block in self.blocks[1:]:
+            finite = finite & torch.isfinite(block).all(dim=1)
+        return finite
+
+    def sum64(self) -> Tensor:
+        """The sum of every entry in float64 (NaN or inf exactly when an entry is, unless it overflows)."""
+        total = self.blocks[0].sum(dtype=_F64)
+        for block in self.blocks[1:]:
+            total = total + block.sum(dtype=_F64)
+        return total
 
 
 def parameter_jacobian(
@@ -252,22 +394,32 @@ def accumulate_grad(parameters: Sequence[Tensor], flat_grad: Tensor, *, owned: b
     With ``owned=True`` the caller hands ``flat_grad`` over (nothing else holds it), so parameters without a
     gradient get views of it instead of copies.
     """
-    for parameter, piece in zip(parameters, _split_like(flat_grad, parameters), strict=True):
-        piece = piece.to(parameter.dtype)
+    add_to_grad(parameters, _split_like(flat_grad, parameters), owned=owned)
+
+
+def add_to_grad(parameters: Sequence[Tensor], grads: Sequence[Tensor], *, owned: bool = False) -> None:
+    """Add ``grads[i]`` (the shape of ``parameters[i]``) into ``.grad`` of ``parameters[i]``.
+
+    With ``owned=True`` the caller hands the tensors over (nothing else holds them), so a parameter without a
+    gradient takes its tensor as ``.grad`` instead of a copy.
+    """
+    for parameter, grad in zip(parameters, grads, strict=True):
+        piece = grad.to(parameter.dtype)
         if parameter.grad is None:
-            parameter.grad = piece if owned and piece.dtype == flat_grad.dtype else piece.clone()
+            parameter.grad = piece if owned or piece is not grad else piece.clone()
         else:
             parameter.grad.add_(piece)
 
 
 def backward_through(
-    features: Sequence[Tensor], flat_grad: Tensor, inputs: Sequence[Tensor] | None = None
+    features: Sequence[Tensor], flat_grad: Tensor | Sequence[Tensor], inputs: Sequence[Tensor] | None = None
 ) -> None:
-    """One ordinary backward from the shared features with the combined feature gradient ``flat_grad``.
+    """One ordinary backward from the shared features with the combined feature gradient ``flat_grad`` (flat,
+    or already cut: one tensor of each feature's shape).
 
     Accumulates into ``.grad`` of ``inputs`` (all leaves behind the features if ``None``).
     """
-    pieces = _split_like(flat_grad, features)
+    pieces = _split_like(flat_grad, features) if isinstance(flat_grad, Tensor) else list(flat_grad)
     torch.autograd.backward(
         list(features), grad_tensors=pieces, inputs=list(inputs) if inputs is not None else None
     )

@@ -44,7 +44,15 @@ from torch import Tensor, nn
 
 from ..batching import BatchingChoice
 from ..gramian import GramianEngine
-from ..jacobian import accumulate_grad, backward_through, batched_jacobian, reachable_leaves
+from ..jacobian import (
+    JacobianBlocks,
+    accumulate_grad,
+    add_to_grad,
+    backward_through,
+    exact_gramian,
+    jacobian_blocks,
+    reachable_leaves,
+)
 from ..record import StepRecord
 from .extra_batches import ExtraBatches, ExtraBatchSource, LossClosure, missing_closure_message
 from .inputs import NonFinitePolicy, TaskLosses, collect_losses, nonfinite_drops, validate_tasks
@@ -395,10 +403,15 @@ class GradientStep:
         extra: the step's extra batches (:class:`~taskbalance.balancers.extra_batches.ExtraBatches`) for
             methods that declare :attr:`Balancer.extra_batches`; ``None`` otherwise. Draw from it before
             changing any state, so that an error on an extra batch leaves the method as it was.
+        blocks: the same Jacobian as its per-input column blocks
+            (:class:`~taskbalance.jacobian.JacobianBlocks`), as the Jacobian path computes it. For
+            ``"gramian"`` methods on that path it is the only form: :attr:`jacobian` is ``None`` and
+            :meth:`require_jacobian` joins the blocks on demand (once).
 
-    :attr:`gramian` is the ``k × k`` matrix ``J Jᵀ`` in float64, computed once on first use (from the
-    Jacobian widened to float64, so the Gramian is exact to float64 rounding whatever the model's dtype), or
-    handed over by the engine.
+    :attr:`gramian` is the ``k × k`` matrix ``J Jᵀ`` in float64, computed once on first use (every entry of
+    the Jacobian widened to float64 before it is multiplied, block by block: exact to float64 rounding
+    whatever the model's dtype, without a float64 copy of ``J``; :func:`~taskbalance.jacobian.exact_gramian`),
+    or handed over by the engine.
     """
 
     losses: Tensor
@@ -407,6 +420,7 @@ class GradientStep:
     dtype: torch.dtype = torch.float32
     precomputed_gramian: Tensor | None = None
     extra: ExtraBatches | None = None
+    blocks: JacobianBlocks | None = None
 
     @classmethod
     def of(
@@ -431,9 +445,18 @@ class GradientStep:
         """``(k, k)`` float64 Gramian ``J Jᵀ`` of the present tasks' gradients."""
         if self.precomputed_gramian is not None:
             return self.precomputed_gramian.to(torch.float64)
-        jacobian = self.require_jacobian("the Gramian")
-        wide = jacobian.to(torch.float64)
-        return wide @ wide.T
+        if self.blocks is not None:
+            return self.blocks.gramian()
+        return exact_gramian([self.require_jacobian("the Gramian")])
+
+    @cached_property
+    def _joined_jacobian(self) -> Tensor:
+        assert self.blocks is not None
+        return self.blocks.matrix()
+
+    def _reads_gramian(self, from_gramian: bool) -> bool:
+        """Whether a finiteness check reads the Gramian (asked, already known, or no Jacobian at hand)."""
+        return from_gramian or "gramian" in self.__dict__ or (self.jacobian is None and self.blocks is None)
 
     @property
     def num_tasks(self) -> int:
@@ -450,9 +473,12 @@ class GradientStep:
         Read from the float64 Gramian's diagonal (``‖g_k‖²``, NaN/inf exactly when row ``k`` has a NaN/inf)
         when it is at hand or ``from_gramian``; otherwise from the Jacobian itself.
         """
-        if from_gramian or self.jacobian is None or "gramian" in self.__dict__:
+        if self._reads_gramian(from_gramian):
             return torch.isfinite(self.gramian.diagonal())
-        return torch.isfinite(self.jacobian).all(dim=1)
+        if self.jacobian is not None:
+            return torch.isfinite(self.jacobian).all(dim=1)
+        assert self.blocks is not None
+        return self.blocks.finite_rows()
 
     def surely_finite(self, *, gradients: bool = True, from_gramian: bool = True) -> bool:
         """Whether the losses (and, with ``gradients``, the gradients) are all finite, in one host read.
@@ -464,10 +490,13 @@ class GradientStep:
         losses = self.losses.sum(dtype=torch.float64)
         grads: Tensor | None = None
         if gradients:
-            if from_gramian or self.jacobian is None or "gramian" in self.__dict__:
+            if self._reads_gramian(from_gramian):
                 grads = self.gramian.trace()
-            else:
+            elif self.jacobian is not None:
                 grads = self.jacobian.sum(dtype=torch.float64)
+            else:
+                assert self.blocks is not None
+                grads = self.blocks.sum64()
         if losses.device.type == "cpu":
             return math.isfinite(float(losses) + (0.0 if grads is None else float(grads)))
         return bool(torch.isfinite(losses if grads is None else losses + grads))
@@ -476,18 +505,28 @@ class GradientStep:
         """The step restricted to the present tasks at positions ``keep`` (the Gramian is sliced, not
         recomputed, when it is already known)."""
         gramian = self.__dict__.get("gramian", self.precomputed_gramian)
+        jacobian = None if self.jacobian is None else self.jacobian[keep]
+        blocks = self.blocks
+        if blocks is not None:  # views of the sliced matrix where there is one, else the blocks' rows
+            blocks = (
+                blocks.select(keep) if jacobian is None else JacobianBlocks.of_matrix(jacobian, blocks.shapes)
+            )
         return GradientStep(
             losses=self.losses[keep],
             index=self.index[keep],
-            jacobian=None if self.jacobian is None else self.jacobian[keep],
+            jacobian=jacobian,
             dtype=self.dtype,
             precomputed_gramian=None if gramian is None else gramian[keep][:, keep],
             extra=self.extra,
+            blocks=blocks,
         )
 
     def require_jacobian(self, what: str = "this method") -> Tensor:
-        """The Jacobian, or a clear error when the engine computed only the Gramian."""
+        """The Jacobian (joined from :attr:`blocks` on first use where only they are at hand), or a clear
+        error when the engine computed only the Gramian."""
         if self.jacobian is None:
+            if self.blocks is not None:
+                return self._joined_jacobian
             raise RuntimeError(
                 f"{what} needs the per-task Jacobian but the engine computed only the Gramian; "
                 "declare needs = 'jacobian' on the method (or pass engine='jacobian')"
@@ -643,12 +682,15 @@ class GradientBalancer(Balancer):
         if shared_list is not None and self._uses_gramian_engine():
             return self._gramian_step(batch, shared_list)
         # 2. Per-task gradients, and on_nonfinite for losses and gradients together (one host read).
-        step = self._gradient_step(batch, shared_list, feature_list)
-        batch, step = self._screen(batch, step, feature_list or shared_list or [])
+        step, heads = self._gradient_step(batch, shared_list, feature_list)
+        screened, step = self._screen(batch, step, feature_list or shared_list or [])
+        if screened is not batch:  # a task was dropped: the heads by a backward of the kept losses
+            heads = None
+        batch = screened
         # 3. The method decides; only now is any state or .grad written.
         self._prepare(step)
         aggregation = self._aggregate_guarded(step)
-        self._write_gradients(batch.present_values, step, aggregation, shared_list, feature_list)
+        self._write_gradients(batch.present_values, step, aggregation, shared_list, feature_list, heads)
         weights = batch.values.new_zeros(self.num_tasks).index_copy(
             0, step.index, aggregation.weights.to(batch.values.dtype)
         )
@@ -729,11 +771,24 @@ class GradientBalancer(Balancer):
 
     def _gradient_step(
         self, batch: TaskLosses, shared_list: list[Tensor] | None, feature_list: list[Tensor] | None
-    ) -> GradientStep:
+    ) -> tuple[GradientStep, _HeadRows | None]:
+        """The step's per-task gradients as :class:`~taskbalance.jacobian.JacobianBlocks` (joined into the
+        ``K × P`` matrix only for methods that need it, or under a reducer), and the heads' per-task rows
+        where they came out of the same batched call (:meth:`_foldable_heads`)."""
         roots = batch.present_values
         inputs = feature_list if feature_list is not None else shared_list
         assert inputs is not None  # _trainable_shared / _checked_features made sure
-        jacobian, unreached = batched_jacobian(self._scaled(roots), inputs, batching=self._batching)
+        heads = self._foldable_heads(roots, shared_list) if feature_list is None else []
+        everything, unreached = jacobian_blocks(
+            self._scaled(roots), [*inputs, *heads], batching=self._batching
+        )
+        count = len(inputs)
+        head_rows = None
+        if heads:
+            head_rows = _HeadRows(heads, JacobianBlocks(everything.blocks[count:], everything.shapes[count:]))
+            unreached = [i for i in unreached if i < count]
+        blocks = JacobianBlocks(everything.blocks[:count], everything.shapes[:count]) if heads else everything
+        del everything
         if feature_list is not None and unreached:
             raise ValueError(
                 f"{self.info.name}: features= is not in the losses' graph (the heads read another tensor: "
@@ -743,9 +798,17 @@ class GradientBalancer(Balancer):
         if feature_list is None and len(unreached) == len(inputs):
             raise ValueError(_UNREACHED_SHARED.format(name=self.info.name))
         if self._grad_scale is not None:  # every backward ran on scaled losses: unscale before aggregate
-            jacobian = jacobian / self._grad_scale.to(jacobian.dtype)
-        if self._reducer is not None:
-            jacobian = self._reducer.reduce_jacobian(jacobian, self.gradients)
+            blocks = blocks.divided(self._grad_scale)
+        jacobian: Tensor | None = None
+        if self._reducer is not None:  # the reducer's all-reduce takes the matrix (and may widen it)
+            jacobian = self._reducer.reduce_jacobian(blocks.matrix(), self.gradients)
+            step_blocks = None
+        elif self.needs == "jacobian":  # the method reads the matrix: join once, the blocks become its views
+            jacobian = blocks.matrix()
+            step_blocks = JacobianBlocks.of_matrix(jacobian, blocks.shapes)
+        else:
+            step_blocks = blocks
+        del blocks
         index = self._index_tensor(batch.index, roots.device)
         extra = None
         if self._extra_losses is not None:
@@ -756,9 +819,25 @@ class GradientBalancer(Balancer):
                 parameters=shared_list, method=self.info.name, batching=self._batching,
                 check_finite=self.on_nonfinite != "propagate",
             )
-        return GradientStep(
-            losses=roots.detach(), index=index, jacobian=jacobian, dtype=jacobian.dtype, extra=extra
+        dtype = jacobian.dtype if jacobian is not None else step_blocks.dtype  # type: ignore[union-attr]
+        step = GradientStep(
+            losses=roots.detach(), index=index, jacobian=jacobian, dtype=dtype, extra=extra,
+            blocks=step_blocks,
         )
+        return step, head_rows
+
+    def _foldable_heads(self, roots: Tensor, shared_list: list[Tensor] | None) -> list[Tensor]:
+        """The task-specific parameters to take as inputs of the batched call, so that their (weighted)
+        gradients need no second backward: every leaf behind the losses that is not shared, when their rows
+        (``k`` per head parameter) take at most half the memory of the Jacobian (our choice); otherwise none
+        (they then get one ordinary backward of the weighted losses after the update, as under a reducer)."""
+        if shared_list is None or self._reducer is not None:
+            return []
+        heads = reachable_leaves([roots], exclude=shared_list)
+        k = roots.shape[0]
+        if 2 * k * sum(h.numel() for h in heads) > k * sum(p.numel() for p in shared_list):
+            return []
+        return heads
 
     def _screen(
         self, batch: TaskLosses, step: GradientStep, inputs: list[Tensor]
@@ -856,17 +935,24 @@ class GradientBalancer(Balancer):
         recomputed one task at a time from each task's own loss tensor, whose graph holds no other task's
         nodes. (Under a data-parallel reducer the rows stay as reduced: every flagged task is dropped.)
         """
-        jacobian = step.require_jacobian("the non-finite gradient check").clone()
+        if step.blocks is None:
+            raise RuntimeError("the non-finite gradient check needs the per-task Jacobian")
+        jacobian = None if step.jacobian is None else step.jacobian.clone()
+        shapes = step.blocks.shapes
+        blocks = (
+            JacobianBlocks.of_matrix(jacobian, shapes) if jacobian is not None
+            else JacobianBlocks([block.clone() for block in step.blocks.blocks], shapes)
+        )
         flagged = [i for i, ok in enumerate(finite_rows.tolist()) if not ok]
         for i in flagged:  # only on a step with a non-finite gradient
             grads = torch.autograd.grad(batch.items[i], inputs, retain_graph=True, allow_unused=True)
-            pieces = [
-                (g if g is not None else torch.zeros_like(x)).reshape(-1)
-                for g, x in zip(grads, inputs, strict=True)
-            ]
-            jacobian[i] = torch.cat(pieces).to(jacobian.dtype)
+            for block, grad in zip(blocks.blocks, grads, strict=True):
+                if grad is None:
+                    block[i] = 0
+                else:
+                    block[i] = grad.reshape(-1)
         return GradientStep(losses=step.losses, index=step.index, jacobian=jacobian, dtype=step.dtype,
-                            extra=step.extra)
+                            extra=step.extra, blocks=blocks)
 
     def _write_gradients(
         self,
@@ -875,31 +961,72 @@ class GradientBalancer(Balancer):
         aggregation: Aggregation,
         shared_list: list[Tensor] | None,
         feature_list: list[Tensor] | None,
+        heads: _HeadRows | None = None,
     ) -> None:
         """Heads get their (weighted) own gradient; the shared part gets the aggregated update."""
+        reducer = self._reducer
+        if reducer is None:
+            assert step.blocks is not None  # _gradient_step keeps them in one process
+            self._write_from_blocks(roots, step.blocks, aggregation, shared_list, feature_list, heads)
+            return
+        # under a reducer: the update from the reduced matrix, then this rank's share of it
         jacobian = step.require_jacobian("assembling the shared update")
         direction = aggregation.shared_update(jacobian)
-        scale, reducer = self._grad_scale, self._reducer
+        scale = self._grad_scale
         if scale is not None:
             direction = direction * scale.to(direction.dtype)
-        if reducer is not None:
-            direction = reducer.local_direction(direction, self.gradients)
+        direction = reducer.local_direction(direction, self.gradients)
         scaled_roots = self._scaled(roots)
         if feature_list is not None:
-            heads = reachable_leaves([roots], stop_at=feature_list, exclude=shared_list or ())
-            self._backward_heads(scaled_roots, aggregation, heads)
-            if reducer is None:
-                backward_through(feature_list, direction, shared_list)
-            else:
-                trunk = shared_list if shared_list is not None else reachable_leaves(feature_list)
-                pieces = torch.split(direction, [f.numel() for f in feature_list])
-                grads = [piece.view_as(f) for piece, f in zip(pieces, feature_list, strict=True)]
-                reducer.backward_mean(feature_list, grads, trunk)
+            leaves = reachable_leaves([roots], stop_at=feature_list, exclude=shared_list or ())
+            self._backward_heads(scaled_roots, aggregation, leaves)
+            trunk = shared_list if shared_list is not None else reachable_leaves(feature_list)
+            pieces = torch.split(direction, [f.numel() for f in feature_list])
+            grads = [piece.view_as(f) for piece, f in zip(pieces, feature_list, strict=True)]
+            reducer.backward_mean(feature_list, grads, trunk)
         else:
             assert shared_list is not None  # checked by _trainable_shared
-            heads = reachable_leaves([roots], exclude=shared_list)
-            self._backward_heads(scaled_roots, aggregation, heads)
+            leaves = reachable_leaves([roots], exclude=shared_list)
+            self._backward_heads(scaled_roots, aggregation, leaves)
             accumulate_grad(shared_list, direction, owned=aggregation.direction is None)
+
+    def _write_from_blocks(
+        self,
+        roots: Tensor,
+        blocks: JacobianBlocks,
+        aggregation: Aggregation,
+        shared_list: list[Tensor] | None,
+        feature_list: list[Tensor] | None,
+        heads: _HeadRows | None,
+    ) -> None:
+        """:meth:`_write_gradients` in one process: the update ``wᵀJ`` block by block, straight into each
+        input's ``.grad`` (no ``P``-long vector to cut); the heads from their rows where they have them."""
+        owned = aggregation.direction is None
+        if aggregation.direction is not None:
+            direction = aggregation.direction.to(blocks.dtype)
+            updates = list(torch.split(direction, [math.prod(s) for s in blocks.shapes]))
+            updates = [update.view(shape) for update, shape in zip(updates, blocks.shapes, strict=True)]
+        else:
+            coefficients = aggregation.shared_weights
+            if coefficients is None:
+                coefficients = aggregation.weights
+            updates = blocks.combine(coefficients.detach())
+        scale = self._grad_scale
+        if scale is not None:
+            updates = [update * scale.to(update.dtype) for update in updates]
+            owned = True
+        if heads is not None:
+            heads.write(aggregation.weights.detach() if self.scale_heads else None)
+        if feature_list is not None:
+            head_leaves = reachable_leaves([roots], stop_at=feature_list, exclude=shared_list or ())
+            self._backward_heads(self._scaled(roots), aggregation, head_leaves)
+            backward_through(feature_list, updates, shared_list)
+            return
+        assert shared_list is not None  # checked by _trainable_shared
+        if heads is None:
+            leaves = reachable_leaves([roots], exclude=shared_list)
+            self._backward_heads(self._scaled(roots), aggregation, leaves)
+        add_to_grad(shared_list, updates, owned=owned)
 
     def _aggregate_guarded(self, step: GradientStep) -> Aggregation:
         """:meth:`aggregate`, which under a GradScaler keeps the buffers and poisons the step on overflow.
@@ -936,6 +1063,25 @@ class GradientBalancer(Balancer):
 
     def extra_repr(self) -> str:
         return f"tasks={list(self.tasks)}, gradients={self.gradients!r}"
+
+
+class _HeadRows:
+    """The task-specific parameters' per-task gradient rows from the step's batched call."""
+
+    __slots__ = ("parameters", "rows")
+
+    def __init__(self, parameters: list[Tensor], rows: JacobianBlocks) -> None:
+        self.parameters = parameters
+        self.rows = rows
+
+    def write(self, weights: Tensor | None) -> None:
+        """Add ``Σₖ wₖ ∇θ Lₖ`` (``weights`` ``None``: every task's own gradient, weight 1) into ``.grad``."""
+        if weights is None:
+            grads = [block.sum(dim=0).view(shape) for block, shape in zip(self.rows.blocks, self.rows.shapes,
+                                                                          strict=True)]
+        else:
+            grads = self.rows.combine(weights)
+        add_to_grad(self.parameters, grads, owned=True)
 
 
 _UNREACHED_SHARED = (
