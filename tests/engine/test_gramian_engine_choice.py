@@ -67,7 +67,9 @@ def what_ran(balancer, monkeypatch) -> tuple[int, list[bool]]:
     aggregate = type(balancer).aggregate
 
     def seeing(self, step: GradientStep):
-        had_jacobian.append(step.jacobian is not None)
+        # the per-task Jacobian was computed: as the joined matrix, or as its per-input blocks (the Jacobian
+        # path's form for Gramian methods, which never join it)
+        had_jacobian.append(step.jacobian is not None or step.blocks is not None)
         return aggregate(self, step)
 
     monkeypatch.setattr(GramianEngine, "gramian", counting)
