@@ -682,15 +682,12 @@ class GradientBalancer(Balancer):
         if shared_list is not None and self._uses_gramian_engine():
             return self._gramian_step(batch, shared_list)
         # 2. Per-task gradients, and on_nonfinite for losses and gradients together (one host read).
-        step, heads = self._gradient_step(batch, shared_list, feature_list)
-        screened, step = self._screen(batch, step, feature_list or shared_list or [])
-        if screened is not batch:  # a task was dropped: the heads by a backward of the kept losses
-            heads = None
-        batch = screened
+        step = self._gradient_step(batch, shared_list, feature_list)
+        batch, step = self._screen(batch, step, feature_list or shared_list or [])
         # 3. The method decides; only now is any state or .grad written.
         self._prepare(step)
         aggregation = self._aggregate_guarded(step)
-        self._write_gradients(batch.present_values, step, aggregation, shared_list, feature_list, heads)
+        self._write_gradients(batch.present_values, step, aggregation, shared_list, feature_list)
         weights = batch.values.new_zeros(self.num_tasks).index_copy(
             0, step.index, aggregation.weights.to(batch.values.dtype)
         )
@@ -771,24 +768,17 @@ class GradientBalancer(Balancer):
 
     def _gradient_step(
         self, batch: TaskLosses, shared_list: list[Tensor] | None, feature_list: list[Tensor] | None
-    ) -> tuple[GradientStep, _HeadRows | None]:
-        """The step's per-task gradients as :class:`~taskbalance.jacobian.JacobianBlocks` (joined into the
-        ``K × P`` matrix only for methods that need it, or under a reducer), and the heads' per-task rows
-        where they came out of the same batched call (:meth:`_foldable_heads`)."""
+    ) -> GradientStep:
+        """The step's per-task gradients as :class:`~taskbalance.jacobian.JacobianBlocks`, joined into the
+        ``K × P`` matrix only for methods that need it, or under a reducer (whose all-reduce takes it).
+
+        The heads are not inputs of the batched call (our choice): their ``k`` rows per head parameter cost
+        more there (about 4 ms a step with 11 linear heads on CPU) than one ordinary backward of the weighted
+        losses afterwards (under 1 ms)."""
         roots = batch.present_values
         inputs = feature_list if feature_list is not None else shared_list
         assert inputs is not None  # _trainable_shared / _checked_features made sure
-        heads = self._foldable_heads(roots, shared_list) if feature_list is None else []
-        everything, unreached = jacobian_blocks(
-            self._scaled(roots), [*inputs, *heads], batching=self._batching
-        )
-        count = len(inputs)
-        head_rows = None
-        if heads:
-            head_rows = _HeadRows(heads, JacobianBlocks(everything.blocks[count:], everything.shapes[count:]))
-            unreached = [i for i in unreached if i < count]
-        blocks = JacobianBlocks(everything.blocks[:count], everything.shapes[:count]) if heads else everything
-        del everything
+        blocks, unreached = jacobian_blocks(self._scaled(roots), inputs, batching=self._batching)
         if feature_list is not None and unreached:
             raise ValueError(
                 f"{self.info.name}: features= is not in the losses' graph (the heads read another tensor: "
@@ -820,24 +810,10 @@ class GradientBalancer(Balancer):
                 check_finite=self.on_nonfinite != "propagate",
             )
         dtype = jacobian.dtype if jacobian is not None else step_blocks.dtype  # type: ignore[union-attr]
-        step = GradientStep(
+        return GradientStep(
             losses=roots.detach(), index=index, jacobian=jacobian, dtype=dtype, extra=extra,
             blocks=step_blocks,
         )
-        return step, head_rows
-
-    def _foldable_heads(self, roots: Tensor, shared_list: list[Tensor] | None) -> list[Tensor]:
-        """The task-specific parameters to take as inputs of the batched call, so that their (weighted)
-        gradients need no second backward: every leaf behind the losses that is not shared, when their rows
-        (``k`` per head parameter) take at most half the memory of the Jacobian (our choice); otherwise none
-        (they then get one ordinary backward of the weighted losses after the update, as under a reducer)."""
-        if shared_list is None or self._reducer is not None:
-            return []
-        heads = reachable_leaves([roots], exclude=shared_list)
-        k = roots.shape[0]
-        if 2 * k * sum(h.numel() for h in heads) > k * sum(p.numel() for p in shared_list):
-            return []
-        return heads
 
     def _screen(
         self, batch: TaskLosses, step: GradientStep, inputs: list[Tensor]
@@ -961,13 +937,12 @@ class GradientBalancer(Balancer):
         aggregation: Aggregation,
         shared_list: list[Tensor] | None,
         feature_list: list[Tensor] | None,
-        heads: _HeadRows | None = None,
     ) -> None:
         """Heads get their (weighted) own gradient; the shared part gets the aggregated update."""
         reducer = self._reducer
         if reducer is None:
             assert step.blocks is not None  # _gradient_step keeps them in one process
-            self._write_from_blocks(roots, step.blocks, aggregation, shared_list, feature_list, heads)
+            self._write_from_blocks(roots, step.blocks, aggregation, shared_list, feature_list)
             return
         # under a reducer: the update from the reduced matrix, then this rank's share of it
         jacobian = step.require_jacobian("assembling the shared update")
@@ -997,10 +972,9 @@ class GradientBalancer(Balancer):
         aggregation: Aggregation,
         shared_list: list[Tensor] | None,
         feature_list: list[Tensor] | None,
-        heads: _HeadRows | None,
     ) -> None:
         """:meth:`_write_gradients` in one process: the update ``wᵀJ`` block by block, straight into each
-        input's ``.grad`` (no ``P``-long vector to cut); the heads from their rows where they have them."""
+        input's ``.grad`` (no ``P``-long vector to cut)."""
         owned = aggregation.direction is None
         if aggregation.direction is not None:
             direction = aggregation.direction.to(blocks.dtype)
@@ -1015,17 +989,13 @@ class GradientBalancer(Balancer):
         if scale is not None:
             updates = [update * scale.to(update.dtype) for update in updates]
             owned = True
-        if heads is not None:
-            heads.write(aggregation.weights.detach() if self.scale_heads else None)
         if feature_list is not None:
             head_leaves = reachable_leaves([roots], stop_at=feature_list, exclude=shared_list or ())
             self._backward_heads(self._scaled(roots), aggregation, head_leaves)
             backward_through(feature_list, updates, shared_list)
             return
         assert shared_list is not None  # checked by _trainable_shared
-        if heads is None:
-            leaves = reachable_leaves([roots], exclude=shared_list)
-            self._backward_heads(self._scaled(roots), aggregation, leaves)
+        self._backward_heads(self._scaled(roots), aggregation, reachable_leaves([roots], exclude=shared_list))
         add_to_grad(shared_list, updates, owned=owned)
 
     def _aggregate_guarded(self, step: GradientStep) -> Aggregation:
@@ -1063,25 +1033,6 @@ class GradientBalancer(Balancer):
 
     def extra_repr(self) -> str:
         return f"tasks={list(self.tasks)}, gradients={self.gradients!r}"
-
-
-class _HeadRows:
-    """The task-specific parameters' per-task gradient rows from the step's batched call."""
-
-    __slots__ = ("parameters", "rows")
-
-    def __init__(self, parameters: list[Tensor], rows: JacobianBlocks) -> None:
-        self.parameters = parameters
-        self.rows = rows
-
-    def write(self, weights: Tensor | None) -> None:
-        """Add ``Σₖ wₖ ∇θ Lₖ`` (``weights`` ``None``: every task's own gradient, weight 1) into ``.grad``."""
-        if weights is None:
-            grads = [block.sum(dim=0).view(shape) for block, shape in zip(self.rows.blocks, self.rows.shapes,
-                                                                          strict=True)]
-        else:
-            grads = self.rows.combine(weights)
-        add_to_grad(self.parameters, grads, owned=True)
 
 
 _UNREACHED_SHARED = (
