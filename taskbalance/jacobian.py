@@ -262,6 +262,8 @@ def exact_gramian(blocks: Sequence[Tensor]) -> Tensor:
     k = first.shape[0]
     gram = torch.zeros((k, k), dtype=_F64, device=first.device)
     total = sum(b.shape[1] for b in blocks)
+    if k == 0 or total == 0:
+        return gram
     # chunks of at most _GRAM_CHUNK entries and an eighth of the columns (so the float64 buffer is at most a
     # quarter of a float32 J's size), but not below 2¹³ entries (fewer products on a small J)
     width = max(1, min(total, _GRAM_CHUNK // k, max(_GRAM_FLOOR // k, -(-total // 8))))

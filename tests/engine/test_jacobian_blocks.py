@@ -39,6 +39,14 @@ def test_exact_gramian_is_the_float64_product_of_the_joined_matrix(monkeypatch, 
     torch.testing.assert_close(got, expected, rtol=1e-13, atol=0)
 
 
+def test_exact_gramian_of_mixed_dtypes_and_empty_blocks():
+    blocks = [torch.randn(3, 5).half(), torch.randn(3, 0), torch.randn(3, 7)]
+    wide = torch.cat([b.double() for b in blocks], dim=1)
+    torch.testing.assert_close(exact_gramian(blocks), wide @ wide.T, rtol=1e-13, atol=0)
+    assert torch.equal(exact_gramian([torch.randn(2, 0)]), torch.zeros(2, 2, dtype=torch.float64))
+    assert exact_gramian([torch.randn(0, 4)]).shape == (0, 0)
+
+
 def test_exact_gramian_widens_before_multiplying():
     # (1 + 2⁻¹²)² = 1 + 2⁻¹¹ + 2⁻²⁴: the last term is lost by a float32 product, kept exactly in float64
     entry = 1 + 2.0**-12
