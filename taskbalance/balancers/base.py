@@ -648,6 +648,12 @@ class GradientBalancer(Balancer):
             )
         if engine == "gramian" and self.on_nonfinite == "skip":
             raise ValueError(_GRAMIAN_SKIP)
+        if engine == "gramian" and self.gradients != "parameters":
+            raise ValueError(
+                f"{self.info.name}: the Gramian engine computes parameter-level gradients; with "
+                f"gradients={self.gradients!r} the feature Jacobian is used. Use engine='auto' or "
+                "gradients='parameters'"
+            )
         if last_layers is not None and engine == "jacobian":
             raise ValueError("last_layers= is an option of the Gramian engine; use engine='gramian'")
         object.__setattr__(self, "engine", engine)
@@ -707,7 +713,9 @@ class GradientBalancer(Balancer):
                     + (", or gradients='features' with features=z" if self.info.feature_level != "no" else "")
                 )
             return None
-        trainable = [p for p in shared if p.requires_grad]
+        # a parameter listed twice (a tied weight named by both its modules) counts once, as in the Gramian
+        # engine
+        trainable = list({id(p): p for p in shared if p.requires_grad}.values())
         if not trainable:
             raise ValueError(
                 f"{self.info.name}: shared= holds no trainable parameter (it is empty, an already-consumed "
