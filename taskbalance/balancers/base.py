@@ -562,6 +562,16 @@ class Aggregation:
         coefficients = self.weights if self.shared_weights is None else self.shared_weights
         return coefficients.to(jacobian.dtype) @ jacobian
 
+    def shared_updates(self, blocks: JacobianBlocks) -> list[Tensor]:
+        """:meth:`shared_update` cut per input, one tensor of each input's shape, from the Jacobian's
+        per-input blocks (no ``P``-long vector formed unless the method handed one over)."""
+        if self.direction is not None:
+            direction = self.direction.to(blocks.dtype)
+            pieces = torch.split(direction, [math.prod(s) for s in blocks.shapes])
+            return [piece.view(shape) for piece, shape in zip(pieces, blocks.shapes, strict=True)]
+        coefficients = self.weights if self.shared_weights is None else self.shared_weights
+        return blocks.combine(coefficients.detach())
+
 
 class GradientBalancer(Balancer):
     """Base of gradient-level methods: they read per-task gradients of the shared part.
@@ -984,15 +994,7 @@ class GradientBalancer(Balancer):
         """:meth:`_write_gradients` in one process: the update ``wᵀJ`` block by block, straight into each
         input's ``.grad`` (no ``P``-long vector to cut)."""
         owned = aggregation.direction is None
-        if aggregation.direction is not None:
-            direction = aggregation.direction.to(blocks.dtype)
-            updates = list(torch.split(direction, [math.prod(s) for s in blocks.shapes]))
-            updates = [update.view(shape) for update, shape in zip(updates, blocks.shapes, strict=True)]
-        else:
-            coefficients = aggregation.shared_weights
-            if coefficients is None:
-                coefficients = aggregation.weights
-            updates = blocks.combine(coefficients.detach())
+        updates = aggregation.shared_updates(blocks)
         scale = self._grad_scale
         if scale is not None:
             updates = [update * scale.to(update.dtype) for update in updates]
